@@ -45,7 +45,8 @@ pytest: venv
 # Main job: the paper notebooks through papermill, default profile `cpu`.
 reproduce: venv
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} \
-	  $(BIN)/python -m alignlora.reproduce --profile $(PROFILE) --results-dir $(RESULTS_DIR) $(if $(SEEDS),--seeds $(SEEDS),)
+	  $(BIN)/python -c 'import sys; from alignlora.experiments import reproduce_cli; reproduce_cli(sys.argv[1:])' \
+	  --profile $(PROFILE) --results-dir $(RESULTS_DIR) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(ONLY),--only $(ONLY),)
 
 lab: venv
 	$(BIN)/jupyter lab nbs
