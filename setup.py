@@ -14,6 +14,7 @@ setuptools.setup(
     description=cfg["description"],
     author=cfg["author"],
     license="Apache-2.0",
+    keywords=cfg.get("keywords", "").split(),
     packages=setuptools.find_packages(include=["alignlora", "alignlora.*"]),
     include_package_data=True,
     package_data={"alignlora": ["tasks/**/*", "configs/*.json"]},

@@ -61,3 +61,9 @@ def test_export_matches_notebooks(tmp_path):
     made = {f.name for f in (dst / "alignlora").glob("*.py")}
     have = {f.name for f in (ROOT / "alignlora").glob("*.py")}
     assert made == have, f"modules not produced by notebooks: {have - made}; missing: {made - have}"
+
+
+def test_index_notebook_is_readme_twin():
+    d = json.loads((ROOT / "nbs" / "index.ipynb").read_text())
+    text = "".join("".join(c["source"]) for c in d["cells"] if c["cell_type"] == "markdown")
+    assert text.strip() == (ROOT / "README.md").read_text().strip(), "regenerate nbs/index.ipynb from README.md (make index)"
