@@ -16,7 +16,7 @@ export PYTHONHASHSEED := 0
 
 # nbs/index.ipynb is README.md's twin: regenerate it after editing the README.
 index: venv
-	$(BIN)/python -c 'import json; t=open("README.md").read(); nb={"cells":[{"cell_type":"markdown","id":"readme","metadata":{},"source":t.splitlines(True)}],"metadata":{"kernelspec":{"display_name":"Python 3","language":"python","name":"python3"},"language_info":{"name":"python"}},"nbformat":4,"nbformat_minor":5}; open("nbs/index.ipynb","w").write(json.dumps(nb,indent=1,ensure_ascii=False)+"\n")'
+	$(BIN)/python -c 'import json; t=open("README.md").read(); nb={"cells":[{"cell_type":"markdown","id":"readme","metadata":{},"source":t.splitlines(True)}],"metadata":{"kernelspec":{"display_name":"python3","language":"python","name":"python3"},"language_info":{"name":"python"}},"nbformat":4,"nbformat_minor":5}; open("nbs/index.ipynb","w").write(json.dumps(nb,indent=1,ensure_ascii=False)+"\n")'
 
 .PHONY: index venv test test-fast reproduce lab export clean nbtest pytest smoke-reproduce
 
