@@ -11,7 +11,7 @@ from .experiments import seed_interval, fmt_pm
 
 # %% auto #0
 __all__ = ['FIVE', 'PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_TABLE3', 'PAPER_TABLE4', 'PAPER_TABLE5', 'accuracy_table',
-           'paired_tasks', 'correctness', 'PaperContext', 'paper_context', 'pct_param']
+           'paired_tasks', 'correctness', 'PaperContext', 'paper_context', 'pct_param', 'training_diagnostics']
 
 # %% ../nbs/07_paper.ipynb #1ab6324d
 FIVE = ["qnli", "piqa", "winogrande", "arc", "gsm8k"]
@@ -169,3 +169,30 @@ def pct_param(model: str, method: str, target_modules=None, **overrides) -> floa
     m = meta_model(model)
     add_adapters(m, get_method(method, **overrides), target_modules=target_modules)
     return 100 * trainable_fraction(m)
+
+# %% ../nbs/07_paper.ipynb #1d97e85a
+def training_diagnostics(df_runs: pd.DataFrame,  # tidy frame from run_grid / collect (needs `key`, `method`)
+                         runs_dir=None,          # the run cache the frame came from
+                         by: str = "method"      # row label column
+                        ) -> pd.DataFrame:
+    "Per run: first/last LM loss, alignment loss, median gradient norm and λ·L_align/L_LM at step 1, from train/log.jsonl."
+    from alignlora.experiments import runs_dir as _rd
+    import json
+    rows = []
+    for (label, key), _ in df_runs.groupby([by, "key"], sort=False):
+        log = _rd(runs_dir) / key / "train" / "log.jsonl"
+        if not log.exists(): continue            # the base model (no training) or a run trained elsewhere
+        steps = [r for r in map(json.loads, log.read_text().splitlines()) if "lm_loss" in r]
+        if not steps: continue
+        spec = json.loads((_rd(runs_dir) / key / "spec.json").read_text())
+        lam = dict(spec.get("overrides") or []).get("align_lambda")
+        if lam is None:
+            from alignlora.methods import get_method
+            lam = getattr(get_method(spec["method"]), "align_lambda", 0.0) or 0.0
+        a0, a1 = steps[0].get("align_loss"), steps[-1].get("align_loss")
+        rows.append({by: label, "seed": spec.get("seed"), "steps": len(steps),
+                     "lm_loss_first": steps[0]["lm_loss"], "lm_loss_last": steps[-1]["lm_loss"],
+                     "align_loss_first": a0, "align_loss_last": a1,
+                     "grad_norm_median": float(np.median([r.get("grad_norm", np.nan) for r in steps])),
+                     "align_to_lm": (lam * a0 / steps[0]["lm_loss"]) if a0 is not None else np.nan})
+    return pd.DataFrame(rows).set_index(by) if rows else pd.DataFrame()

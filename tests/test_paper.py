@@ -9,7 +9,7 @@ from alignlora.experiments import reproduce, read_table
 
 EXPECTED = {
     "param_budgets": ("csv", "md"), "param_budgets_vs_paper": ("csv", "md"),
-    "table1": ("csv", "md"), "table1_paired": ("csv", "md"), "table3": ("csv", "md"),
+    "table1": ("csv", "md"), "table1_paired": ("csv", "md"), "table1_training": ("csv", "md"), "table3": ("csv", "md"),
     "table4": ("csv", "md"), "table4_subtasks": ("csv", "md"), "table5": ("csv", "md"),
     "fig2_head_similarity": ("csv", "md", "png"), "fig3_lambda": ("csv", "md", "png"), "fig5_tsne": ("csv", "md", "png"),
     "costs": ("csv", "md"), "ablations": ("csv", "md"), "walltimes": ("csv", "md"),
