@@ -436,6 +436,11 @@ def paper_notebooks(only: Iterable[str] | None = None) -> list[Path]:
     if only: nbs = [n for n in nbs if any(o in n.stem for o in only)]
     return nbs
 
+def _cache_counts(runs_dir_) -> tuple[int, int]:
+    "(trained runs, cached evaluations) in a run cache."
+    d = Path(runs_dir_)
+    return len(list(d.glob("*/TRAINED"))), len(list(d.glob("*/eval/*.json")))
+
 def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
               results_dir: str | Path | None = None,  # default results/<profile>
               seeds: Iterable[int] | None = None,     # default: the profile's seeds
@@ -457,7 +462,7 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
     old = pd.read_csv(wt, comment="#") if wt.exists() else pd.DataFrame(columns=["notebook", "wall_s"])
     for nb in paper_notebooks(only):
         log(f"[reproduce] {nb.stem} (profile {p.name}) ...")
-        t0 = time.time()
+        t0, before = time.time(), _cache_counts(params["runs_dir"])
         try:
             pm.execute_notebook(str(nb), str(results_dir / "notebooks" / nb.name), parameters=params,
                                 kernel_name="python3", language="python", cwd=str(nb.parent), progress_bar=False,
@@ -466,12 +471,19 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
             msg = str(e).strip().splitlines()
             raise RuntimeError(f"paper notebook {nb.name} failed (profile {p.name}); earlier results are kept.\n"
                                + "\n".join(msg[-15:])) from None
-        times.append(dict(notebook=nb.stem, wall_s=round(time.time() - t0, 1)))
-        log(f"[reproduce] {nb.stem} done in {times[-1]['wall_s']:.0f} s")
-    new = pd.DataFrame(times)
-    merged = pd.concat([old[~old.notebook.isin(new.notebook)], new]).sort_values("notebook") if len(new) else old
-    write_table(merged, "walltimes", results_dir, provenance(p.name, model=p.model, seeds=params["seeds"]),
-                title="Wall time per paper notebook")
+        after = _cache_counts(params["runs_dir"])
+        times.append(dict(notebook=nb.stem, wall_s=round(time.time() - t0, 1), new_runs=after[0] - before[0],
+                          new_evals=after[1] - before[1], finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
+        log(f"[reproduce] {nb.stem} done in {times[-1]['wall_s']:.0f} s ({times[-1]['new_runs']} runs trained, "
+            f"{times[-1]['new_evals']} evaluations computed)")
+        new = pd.DataFrame(times)   # written after every notebook: a later failure keeps these times
+        merged = pd.concat([old[~old.notebook.isin(new.notebook)], new]).sort_values("notebook")
+        merged = merged.astype({"new_runs": "Int64", "new_evals": "Int64"})   # blank for rows written by older versions
+        write_table(merged, "walltimes", results_dir, provenance(p.name, model=p.model, seeds=params["seeds"]),
+                    title="Wall time per paper notebook",
+                    notes="wall_s: the latest execution of each notebook; new_runs / new_evals: what it computed (0 = all "
+                          "from the run cache, so its wall time is not a cold-cache figure).")
+    if not times: merged = old
     write_index(results_dir.parent)
     return merged
 
