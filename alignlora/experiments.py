@@ -459,7 +459,7 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
                   data_dir=str(Path(data_dir).resolve()) if data_dir else (os.environ.get("ALIGNLORA_DATA") or ""))
     times = []
     wt = results_dir / "walltimes.csv"
-    old = pd.read_csv(wt, comment="#") if wt.exists() else pd.DataFrame(columns=["notebook", "wall_s"])
+    old = read_table(wt)[0].drop(columns=["index"], errors="ignore") if wt.exists() else pd.DataFrame(columns=["notebook", "wall_s"])
     for nb in paper_notebooks(only):
         log(f"[reproduce] {nb.stem} (profile {p.name}) ...")
         t0, before = time.time(), _cache_counts(params["runs_dir"])
@@ -477,7 +477,7 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
         log(f"[reproduce] {nb.stem} done in {times[-1]['wall_s']:.0f} s ({times[-1]['new_runs']} runs trained, "
             f"{times[-1]['new_evals']} evaluations computed)")
         new = pd.DataFrame(times)   # written after every notebook: a later failure keeps these times
-        merged = pd.concat([old[~old.notebook.isin(new.notebook)], new]).sort_values("notebook")
+        merged = pd.concat([old[~old.notebook.isin(new.notebook)], new]).sort_values("notebook").reset_index(drop=True)
         merged = merged.astype({"new_runs": "Int64", "new_evals": "Int64"})   # blank for rows written by older versions
         write_table(merged, "walltimes", results_dir, provenance(p.name, model=p.model, seeds=params["seeds"]),
                     title="Wall time per paper notebook",
