@@ -193,6 +193,13 @@ def _mean_pool(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     mf = m.to(x.dtype)
     return ((x * mf[..., None]).sum(1) / mf.sum(1).clamp(min=1)[:, None])[:, None]
 
+def _pair_mean(val: torch.Tensor, ok: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    "Mean over pairs with a valid position of each pair's mean over its valid positions (0, still connected to x, if none)."
+    n_pos = ok.sum(1)
+    per_pair = torch.where(ok, val, 0).sum(1) / n_pos.clamp(min=1)
+    has = n_pos > 0
+    return per_pair[has].mean() if has.any() else x.sum() * 0
+
 def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, seq, r] tensor per adapted layer (A·x)
                task_ids: torch.Tensor,                 # long [batch]: each sample's task id
                kind: str = "kl",                       # "kl" (A-LoRA-K) or "mmd" (A-LoRA-M)
@@ -200,6 +207,7 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
                pool: str = "token",                    # "token": per-position statistics (paper); "mean": mean-pooled samples
                num_tasks: int | None = None,           # if given, every task 0..num_tasks-1 must be in the batch
                bandwidths: Sequence[float] = MMD_BANDWIDTHS,  # MMD kernel bandwidths σ (not squared)
+               fuse: bool = True,                      # KL: all layers in one computation (exact; False: layer by layer)
               ) -> torch.Tensor:
     "Align-LoRA's loss: distance between every pair of tasks' features, averaged over pairs and layers (fp32 scalar)."
     _check_kind(kind); _check_pool(pool)
@@ -211,6 +219,12 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
         W = W.any(2, keepdim=True)                     # one "position": samples with ≥ 1 masked position
     T = W.shape[0]
     iu = torch.triu_indices(T, T, offset=1, device=W.device)
+    dts = {_compute_dtype(f.dtype) for f in feats}
+    if kind == "kl" and fuse and len(feats) > 1 and len(dts) == 1:
+        # mean over layers of per-layer KL = KL of the r-concatenated features / layers (shared mask, sum over dims)
+        dt = dts.pop()
+        xs = [_mean_pool(f.to(dt), m) if pool == "mean" else f.to(dt) for f in feats]
+        return _pair_mean(*_kl_layer(torch.cat(xs, -1), W.to(dt), iu), xs[0]) / len(feats)
     weights = {}                                       # per compute dtype, shared by all layers (saved once)
     layer_losses = []
     for f in feats:
@@ -219,11 +233,7 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
         x = _mean_pool(f.to(dt), m) if pool == "mean" else f
         if kind == "kl": val, ok = _kl_layer(x, weights[dt], iu)      # pairs i < j: [P, S]
         else: val, ok = _mmd_layer(x, weights[dt], iu, bandwidths)
-        n_pos = ok.sum(1)
-        per_pair = torch.where(ok, val, 0).sum(1) / n_pos.clamp(min=1)
-        has = n_pos > 0
-        if not has.any(): layer_losses.append(x.sum() * 0); continue
-        layer_losses.append(per_pair[has].mean())
+        layer_losses.append(_pair_mean(val, ok, x))
     return torch.stack(layer_losses).mean()
 
 # %% ../nbs/03_align.ipynb #481ed2c5
