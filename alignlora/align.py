@@ -193,13 +193,6 @@ def _mean_pool(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     mf = m.to(x.dtype)
     return ((x * mf[..., None]).sum(1) / mf.sum(1).clamp(min=1)[:, None])[:, None]
 
-def _pair_mean(val: torch.Tensor, ok: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    "Mean over pairs with a valid position of each pair's mean over its valid positions (0, still connected to x, if none)."
-    n_pos = ok.sum(1)
-    per_pair = torch.where(ok, val, 0).sum(1) / n_pos.clamp(min=1)
-    has = n_pos > 0
-    return per_pair[has].mean() if has.any() else x.sum() * 0
-
 def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, seq, r] tensor per adapted layer (A·x)
                task_ids: torch.Tensor,                 # long [batch]: each sample's task id
                kind: str = "kl",                       # "kl" (A-LoRA-K) or "mmd" (A-LoRA-M)
@@ -219,12 +212,12 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
         W = W.any(2, keepdim=True)                     # one "position": samples with ≥ 1 masked position
     T = W.shape[0]
     iu = torch.triu_indices(T, T, offset=1, device=W.device)
+    n_layers = len(feats)
     dts = {_compute_dtype(f.dtype) for f in feats}
-    if kind == "kl" and fuse and len(feats) > 1 and len(dts) == 1:
+    if kind == "kl" and fuse and n_layers > 1 and len(dts) == 1:
         # mean over layers of per-layer KL = KL of the r-concatenated features / layers (shared mask, sum over dims)
-        dt = dts.pop()
-        xs = [_mean_pool(f.to(dt), m) if pool == "mean" else f.to(dt) for f in feats]
-        return _pair_mean(*_kl_layer(torch.cat(xs, -1), W.to(dt), iu), xs[0]) / len(feats)
+        dt, = dts
+        feats = [torch.cat([f.to(dt) for f in feats], -1)]
     weights = {}                                       # per compute dtype, shared by all layers (saved once)
     layer_losses = []
     for f in feats:
@@ -233,8 +226,12 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
         x = _mean_pool(f.to(dt), m) if pool == "mean" else f
         if kind == "kl": val, ok = _kl_layer(x, weights[dt], iu)      # pairs i < j: [P, S]
         else: val, ok = _mmd_layer(x, weights[dt], iu, bandwidths)
-        layer_losses.append(_pair_mean(val, ok, x))
-    return torch.stack(layer_losses).mean()
+        n_pos = ok.sum(1)
+        per_pair = torch.where(ok, val, 0).sum(1) / n_pos.clamp(min=1)
+        has = n_pos > 0
+        if not has.any(): layer_losses.append(x.sum() * 0); continue
+        layer_losses.append(per_pair[has].mean())
+    return torch.stack(layer_losses).sum() / n_layers   # fused KL: one entry holding all layers' sums
 
 # %% ../nbs/03_align.ipynb #481ed2c5
 def released_mmd_bytes(num_layers: int = 108,  # adapted modules
