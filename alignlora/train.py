@@ -21,8 +21,9 @@ from .methods import get_method
 from .align import align_loss
 
 # %% auto #0
-__all__ = ['IGNORE', 'ALIGN_MASKS', 'PAPER_TRAINING', 'shift_labels', 'pad_collate', 'pack_collate', 'unpack', 'BalancedBatches',
-           'alignment_mask', 'check_alignment', 'AlignTrainer', 'TrainResult', 'train', 'batch_align_loss']
+__all__ = ['IGNORE', 'SEGMENT_ATTENTION', 'ALIGN_MASKS', 'PAPER_TRAINING', 'shift_labels', 'pad_collate', 'pack_collate',
+           'unpack', 'segment_sdpa', 'segment_attention', 'BalancedBatches', 'alignment_mask', 'check_alignment',
+           'AlignTrainer', 'TrainResult', 'train', 'batch_align_loss']
 
 # %% ../nbs/04_train.ipynb #cb47c8c4
 IGNORE = -100  # label of positions that carry no loss
@@ -66,6 +67,7 @@ def pack_collate(features: Sequence[dict],    # encoded examples (`input_ids`, `
     pos = torch.zeros((R, T), dtype=torch.long)
     seg = torch.full((R, T), -1, dtype=torch.long)         # segment id per position, −1 = tail padding
     unpack_index = torch.zeros((B, L), dtype=torch.long); unpack_mask = torch.zeros((B, L), dtype=torch.bool)
+    bounds = [0]                                          # segment ends in the flattened [R·T] token stream
     for r, members in enumerate(rows):
         start = 0
         for b in members:
@@ -77,13 +79,15 @@ def pack_collate(features: Sequence[dict],    # encoded examples (`input_ids`, `
             pos[r, start:start + n] = torch.arange(n)
             seg[r, start:start + n] = b
             unpack_index[b, :n] = r * T + start + torch.arange(n); unpack_mask[b, :n] = True
+            bounds.append(r * T + start + n)
             start += n
+        if start < T: bounds.append((r + 1) * T)          # a row's tail padding is a segment of its own
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
     mask = (same & causal) | torch.eye(T, dtype=torch.bool)  # tail padding attends to itself only
     return dict(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, labels=labels, shift_labels=shifted,
                 task_ids=torch.tensor([_task_id(f) for f in features], dtype=torch.long),
-                unpack_index=unpack_index, unpack_mask=unpack_mask)
+                unpack_index=unpack_index, unpack_mask=unpack_mask, cu_seq_lens=torch.tensor(bounds, dtype=torch.int32))
 
 def unpack(x: torch.Tensor,             # [rows, T, ...] activation of a packed batch
            unpack_index: torch.Tensor,  # [batch, seq] from `pack_collate`
@@ -91,6 +95,54 @@ def unpack(x: torch.Tensor,             # [rows, T, ...] activation of a packed 
     "Bring a packed activation back to the padded layout `[batch, seq, ...]` (positions past a sample's end: arbitrary)."
     flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
     return flat[unpack_index]
+
+# %% ../nbs/04_train.ipynb #f48c302b
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+SEGMENT_ATTENTION = "sdpa_segments"   # the attention implementation name `segment_sdpa` is registered under
+
+def segment_sdpa(module: torch.nn.Module,                   # attention layer (transformers' calling convention)
+                 query: torch.Tensor,                       # [rows, heads, T, d]
+                 key: torch.Tensor,                         # [rows, kv_heads, T, d]
+                 value: torch.Tensor,                       # [rows, kv_heads, T, d]
+                 attention_mask: torch.Tensor | None,       # used only on the stock-`sdpa` path
+                 dropout: float = 0.0,                      # attention dropout probability
+                 scaling: float | None = None,              # softmax scale (None: 1/sqrt(d))
+                 cu_seq_lens_q: torch.Tensor | None = None, # segment boundaries in the flattened [rows·T] stream
+                 **kwargs) -> tuple[torch.Tensor, None]:
+    "Causal `sdpa` on each packed sequence that `cu_seq_lens_q` delimits; stock `sdpa` without it (generation, padding)."
+    R, H, T, D = query.shape
+    if cu_seq_lens_q is None or key.shape[2] != T:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    if bounds[0] != 0 or bounds[-1] != R * T:
+        raise ValueError(f"cu_seq_lens_q must run from 0 to rows·T = {R * T}, got {bounds[0]} … {bounds[-1]}; "
+                         "build packed batches with pack_collate.")
+    gqa = key.shape[1] != H
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        r, a = divmod(s, T); b = e - r * T          # pack_collate ends every row with a boundary: no segment spans rows
+        outs.append(F.scaled_dot_product_attention(query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b],
+                                                   dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa))
+    out = torch.cat(outs, dim=2)[0]                 # [heads, rows·T, d]
+    return out.view(H, R, T, D).permute(1, 2, 0, 3).contiguous(), None   # [rows, T, heads, d], as sdpa returns
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_sdpa)
+AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)   # masks exactly as for `sdpa`
+
+@contextlib.contextmanager
+def segment_attention(model: torch.nn.Module,   # a transformers model (a PEFT wrapper forwards `.config`)
+                      enabled: bool = True,     # False: leave the model as it is
+                     ):
+    "Within the block a model on `sdpa` attention uses `segment_sdpa`; yields whether it switched (nested: no-op)."
+    cfg = getattr(model, "config", None)
+    if not enabled or getattr(cfg, "_attn_implementation", None) != "sdpa":
+        yield False; return
+    cfg._attn_implementation = SEGMENT_ATTENTION
+    try: yield True
+    finally: cfg._attn_implementation = "sdpa"
 
 # %% ../nbs/04_train.ipynb #82cbd476
 class BalancedBatches:
@@ -176,6 +228,7 @@ class AlignTrainer(Trainer):
                  pack: bool = True,                        # packed batches (block-diagonal mask) instead of padding
                  pack_max_tokens: int | None = None,       # token budget of a packed row (None: one row per micro-batch)
                  supervised_logits: bool = True,           # LM head only at supervised positions
+                 per_sequence_attention: bool = True,      # packed batches: one causal sdpa per sequence (`segment_sdpa`)
                  **kwargs):
         super().__init__(*args, **kwargs)
         ds = self.train_dataset
@@ -196,12 +249,18 @@ class AlignTrainer(Trainer):
         if self.align_lambda == 0: self.align = None
         self.align_pool, self.align_mask = align_pool, align_mask
         self.pack, self.pack_max_tokens, self.supervised_logits = pack, pack_max_tokens, supervised_logits
+        self.per_sequence_attention = per_sequence_attention
         tok = self.processing_class
         self.pad_token_id = getattr(tok, "pad_token_id", None)
         if self.pad_token_id is None: self.pad_token_id = getattr(self.model.config, "pad_token_id", None) or 0
         self.model_accepts_loss_kwargs = True   # makes the Trainer count supervised tokens per accumulated batch
         self._sums = torch.zeros(5, dtype=torch.float64)  # lm CE sum, lm tokens, align sum, micro-batches, real tokens
         self.real_tokens = 0
+
+    def train(self, *args, **kwargs):
+        "`Trainer.train`, on per-sequence attention throughout when packing (checkpoint recomputation included)."
+        with segment_attention(self.model, enabled=self.pack and self.per_sequence_attention):
+            return super().train(*args, **kwargs)
 
     # ---- data ----
     def collate(self, features):
@@ -234,13 +293,16 @@ class AlignTrainer(Trainer):
         shifted = inputs.pop("shift_labels", None)
         if shifted is None: shifted = shift_labels(labels)
         unpack_index, unpack_mask = inputs.pop("unpack_index", None), inputs.pop("unpack_mask", None)
+        cu = inputs.pop("cu_seq_lens", None)
         fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        per_seq = self.per_sequence_attention and cu is not None
+        if per_seq: fwd["cu_seq_lens_q"] = cu      # the 4-D mask stays: exact on any other attention implementation
         keep = shifted != IGNORE
         if self.supervised_logits:   # one packed row: 1-D positions (any transformers 5.x); else a [rows, T] bool mask
             fwd["logits_to_keep"] = keep[0].nonzero().flatten() if keep.shape[0] == 1 else keep
         unwrapped = self.accelerator.unwrap_model(model)
         cap = capture_features(unwrapped) if self.align is not None and model.training else contextlib.nullcontext([])
-        with cap as feats:
+        with cap as feats, segment_attention(unwrapped, enabled=per_seq):
             out = model(**fwd, use_cache=False)
         logits = out.logits
         targets = shifted[keep] if self.supervised_logits else shifted.reshape(-1)

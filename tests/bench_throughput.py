@@ -3,7 +3,8 @@
 For each variant, forward + backward of the same balanced micro-batches (10 rows = 2 per task, max_length 512):
   - `peft+padded`: stock PEFT LoRA r=8 (gate/up/down), padded batch, full logits (transformers' own loss)
   - ours `lora`, `m-lora`, `hydralora`, `align-lora-kl` through `AlignTrainer.compute_loss`, packed batch +
-    supervised-only logits (the `train` defaults); plus ours `lora` padded + full logits (the switch turned off)
+    supervised-only logits + one causal attention per packed sequence (the `train` defaults); plus ours `lora`
+    padded + full logits (the switches turned off) and `lora+masked` (packed, attention over the block-diagonal mask)
 Prints real (non-padding) tokens/s, the ratio to PEFT, the achieved matmul FLOP/s counted from the model's shapes on
 the real tokens (frozen base: forward + input-gradient = 2 × forward matmuls; adapters and LM head counted where
 computed) as a fraction of `torch.mm`'s peak measured in the same run, and peak memory (CPU: peak RSS of the process,
@@ -92,7 +93,7 @@ def main():
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--variants", default="peft+padded,lora+padded,lora,m-lora,hydralora,align-lora-kl")
+    ap.add_argument("--variants", default="peft+padded,lora+padded,lora+masked,lora,m-lora,hydralora,align-lora-kl")
     ap.add_argument("--synthetic", nargs="?", const=SYNTHETIC, default=None,
                     help="random token ids with these per-task 'length:supervised' profiles (no data or tokenizer needed)")
     a = ap.parse_args()
@@ -144,7 +145,7 @@ def main():
         if v == "peft+padded":
             models[v] = get_peft_model(fresh(), LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=targets))
             return
-        name = v.removesuffix("+padded")
+        name = v.removesuffix("+padded").removesuffix("+masked")
         m = fresh(); torch.manual_seed(0); meth = get_method(name); add_adapters(m, meth)
         m.alignlora_method = meth
         models[v] = m
@@ -152,7 +153,8 @@ def main():
                                   use_cpu=dev == "cpu", bf16=dtype == torch.bfloat16)
         trainers[v] = AlignTrainer(model=m, args=targs, task_sizes=[a.k] * len(PAPER_TASKS), align=meth.align,
                                    align_lambda=meth.align_lambda or 0.0, pack=not v.endswith("+padded"),
-                                   supervised_logits=not v.endswith("+padded"), processing_class=tok)
+                                   supervised_logits=not v.endswith("+padded"), processing_class=tok,
+                                   per_sequence_attention=not v.endswith("+masked"))
         if tok is None: trainers[v].pad_token_id = pad_id
 
     def step(v, s):

@@ -27,7 +27,9 @@ def test_ga4_checkpointing_alignment(name, pack):
                          for f in encode_many(load_task(t, "train", n=4, seed=0), tok, max_length=128)], tok.pad_token_id)
     m0, _ = load_model("tiny"); torch.manual_seed(0); add_adapters(m0, method)   # train()'s seeded init
     before = batch_align_loss(m0, fixed, method.align)
-    r = train("tiny", method, tasks, n_train=16, max_length=128, k=2, max_steps=12, gradient_accumulation_steps=4,
+    # trained on exactly the measured rows (4 per task, k = 4: every micro-batch is the fixed set); on random k = 2
+    # batches the fixed-batch KL of the tiny model is chaotic (flips with fp32 rounding; see nbs/04_train.ipynb)
+    r = train("tiny", method, tasks, n_train=4, max_length=128, k=4, max_steps=12, gradient_accumulation_steps=4,
               gradient_checkpointing=True, learning_rate=5e-3, pack=pack,
               align_lambda=20.0 if method.align == "kl" else 1.0, progress=False)
     assert r.metrics["global_step"] == 12 and len(r.log) == 12
