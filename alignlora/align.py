@@ -157,29 +157,42 @@ def _kernel_sum_(d: torch.Tensor, bandwidths, derivative: bool = False) -> torch
         else: out.add_(tmp)
     return out
 
+def _pair_sums(K: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    "Per position, sums of K over sample pairs by task pair: O K[s] Oᵀ, `[S, B, B]` → `[S, T, T]`, as two 2-D matmuls."
+    S, B, _ = K.shape; T = onehot.shape[0]
+    KO = (K.reshape(S * B, B) @ onehot.T).view(S, B, T)                 # Σ_c K[s,b,c] O[j,c]
+    return (onehot @ KO.transpose(0, 1).reshape(B, S * T)).view(T, S, T).transpose(0, 1)
+
+def _pair_spread(G: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    "The adjoint of `_pair_sums`: Oᵀ G[s] O, `[S, T, T]` → `[S, B, B]`."
+    S, T, _ = G.shape; B = onehot.shape[1]
+    GO = (G.reshape(S * T, T) @ onehot).view(S, T, B)
+    return (onehot.T @ GO.transpose(0, 1).reshape(T, S * B)).view(B, S, B).transpose(0, 1)
+
 class _MultiKernelSums(torch.autograd.Function):
-    "P[s, i, j] = Σ_{b,c} W[i,b,s] K[s,b,c] W[j,c,s]: multi-kernel sums per task pair, O(B²S) memory."
+    "P[s, i, j] = Σ_{b∈i, c∈j} m[s,b] K[s,b,c] m[s,c]: multi-kernel sums per task pair, O(B²S) memory."
     @staticmethod
-    def forward(ctx, x, Wt, bandwidths):   # x [B, S, r] any float dtype; Wt [S, T, B] 0/1 in the compute dtype
-        xs = x.detach().transpose(0, 1).to(Wt.dtype)   # [S, B, r]; the cast is not kept (recomputed in backward)
+    def forward(ctx, x, onehot, mf, bandwidths):   # x [B, S, r]; onehot [T, B], mf [S, B]: 0/1 in the compute dtype
+        xs = x.detach().transpose(0, 1).to(mf.dtype)   # [S, B, r]; the cast is not kept (recomputed in backward)
         K = _kernel_sum_(_sqdist(xs), bandwidths)
-        P = Wt @ K @ Wt.transpose(1, 2)     # [S, T, T]
-        ctx.save_for_backward(x, Wt); ctx.bandwidths = bandwidths
-        return P
+        K.mul_(mf[:, :, None]).mul_(mf[:, None, :])    # only valid positions of both samples count
+        ctx.save_for_backward(x, onehot, mf); ctx.bandwidths = bandwidths
+        return _pair_sums(K, onehot)                    # [S, T, T]
     @staticmethod
     def backward(ctx, gP):
-        x, Wt = ctx.saved_tensors
-        xs = x.detach().transpose(0, 1).to(Wt.dtype)
-        H = Wt.transpose(1, 2) @ gP @ Wt    # dL/dK [S, B, B]
+        x, onehot, mf = ctx.saved_tensors
+        xs = x.detach().transpose(0, 1).to(mf.dtype)
+        H = _pair_spread(gP.contiguous(), onehot)      # dL/dK [S, B, B]
+        H.mul_(mf[:, :, None]).mul_(mf[:, None, :])
         H.mul_(_kernel_sum_(_sqdist(xs), ctx.bandwidths, derivative=True))   # dL/dd
         H = H + H.transpose(1, 2)           # d(b,c) depends on x_b and x_c symmetrically
         gxs = 2 * (H.sum(2, keepdim=True) * xs - H @ xs)   # Σ_c H[b,c] · 2(x_b − x_c)
-        return gxs.transpose(0, 1).to(x.dtype), None, None
+        return gxs.transpose(0, 1).to(x.dtype), None, None, None
 
-def _mmd_layer(x: torch.Tensor, Wt: torch.Tensor, iu: torch.Tensor, bandwidths=MMD_BANDWIDTHS):
-    "Biased multi-kernel MMD² for task pairs `iu` (i < j) at every position: (value [P, S], valid [P, S]). Wt: [S, T, B]."
-    P = _MultiKernelSums.apply(x, Wt, tuple(bandwidths))
-    n = Wt.sum(2)                                    # [S, T]
+def _mmd_layer(x: torch.Tensor, onehot: torch.Tensor, mf: torch.Tensor, iu: torch.Tensor, bandwidths=MMD_BANDWIDTHS):
+    "Biased multi-kernel MMD² for task pairs `iu` (i < j) at every position: (value [P, S], valid [P, S])."
+    P = _MultiKernelSums.apply(x, onehot, mf, tuple(bandwidths))
+    n = mf @ onehot.T                                # [S, T] valid samples per task and position
     mean_k = P / (n[:, :, None] * n[:, None, :]).clamp(min=1)
     diag = torch.diagonal(mean_k, dim1=1, dim2=2)    # [S, T]
     i, j = iu
@@ -200,7 +213,7 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
                pool: str = "token",                    # "token": per-position statistics (paper); "mean": mean-pooled samples
                num_tasks: int | None = None,           # if given, every task 0..num_tasks-1 must be in the batch
                bandwidths: Sequence[float] = MMD_BANDWIDTHS,  # MMD kernel bandwidths σ (not squared)
-               fuse: bool = True,                      # KL: all layers in one computation (exact; False: layer by layer)
+               fuse: bool = True,                      # all layers in one computation (exact; False: layer by layer)
               ) -> torch.Tensor:
     "Align-LoRA's loss: distance between every pair of tasks' features, averaged over pairs and layers (fp32 scalar)."
     _check_kind(kind); _check_pool(pool)
@@ -213,25 +226,30 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
     T = W.shape[0]
     iu = torch.triu_indices(T, T, offset=1, device=W.device)
     n_layers = len(feats)
+    if pool == "mean": feats = [_mean_pool(f.to(_compute_dtype(f.dtype)), m) for f in feats]
     dts = {_compute_dtype(f.dtype) for f in feats}
-    if kind == "kl" and fuse and n_layers > 1 and len(dts) == 1:
-        # mean over layers of per-layer KL = KL of the r-concatenated features / layers (shared mask, sum over dims)
+    reps = 1                                           # layers stacked as positions (fused MMD)
+    if fuse and n_layers > 1 and len(dts) == 1:
         dt, = dts
-        feats = [torch.cat([f.to(dt) for f in feats], -1)]
+        if kind == "kl":     # per-layer KL sums over its r dims: one KL of the r-concatenated features
+            feats = [torch.cat([f.to(dt) for f in feats], -1)]
+        elif len({f.shape[-1] for f in feats}) == 1:   # MMD: layer l's positions become positions l·S … (l+1)·S − 1
+            feats, reps = [torch.cat([f.to(dt) for f in feats], 1)], n_layers
+            W = W.repeat(1, 1, reps)
     weights = {}                                       # per compute dtype, shared by all layers (saved once)
     layer_losses = []
-    for f in feats:
-        dt = _compute_dtype(f.dtype)
-        if dt not in weights: weights[dt] = W.to(dt) if kind == "kl" else W.permute(2, 0, 1).to(dt)
-        x = _mean_pool(f.to(dt), m) if pool == "mean" else f
+    for x in feats:
+        dt = _compute_dtype(x.dtype)
+        if dt not in weights:   # MMD: W[t, b, s] = onehot[t, b] · mask[b, s] (each sample has one task)
+            weights[dt] = W.to(dt) if kind == "kl" else (W.any(2).to(dt), W.any(0).T.to(dt))
         if kind == "kl": val, ok = _kl_layer(x, weights[dt], iu)      # pairs i < j: [P, S]
-        else: val, ok = _mmd_layer(x, weights[dt], iu, bandwidths)
+        else: val, ok = _mmd_layer(x, *weights[dt], iu, bandwidths)
         n_pos = ok.sum(1)
         per_pair = torch.where(ok, val, 0).sum(1) / n_pos.clamp(min=1)
         has = n_pos > 0
         if not has.any(): layer_losses.append(x.sum() * 0); continue
-        layer_losses.append(per_pair[has].mean())
-    return torch.stack(layer_losses).sum() / n_layers   # fused KL: one entry holding all layers' sums
+        layer_losses.append(per_pair[has].mean() * reps)   # stacked MMD: the mean over layers, times the layers
+    return torch.stack(layer_losses).sum() / n_layers   # fused: one entry holding all layers' sums
 
 # %% ../nbs/03_align.ipynb #481ed2c5
 def released_mmd_bytes(num_layers: int = 108,  # adapted modules
