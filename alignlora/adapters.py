@@ -175,9 +175,11 @@ def forward(self: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
     if c.head_dropout and self.training: z = F.dropout(z, c.head_dropout, True)    # one mask per head
     if self.router is not None: z = z * self.routing_weights(x).to(z.dtype).unsqueeze(-1)
     if c.branches > 1: z = z.flatten(-2)                                           # [..., N·r]
-    out = F.linear(z, self.lora_B) * (c.scaling * (1.0 if c.router else c.kappa))
+    # y + s·z Bᵀ as one addmm: no separate scale and add passes over the [tokens, d_out] output (forward or backward)
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), self.lora_B.T,
+                      alpha=c.scaling * (1.0 if c.router else c.kappa)).view(y.shape)
     if self.offset_A is not None: out = out + F.linear(F.linear(x, self.offset_A), self.offset_B)
-    return y + out
+    return out
 
 AdapterLinear.routing_weights = routing_weights
 AdapterLinear.forward = forward
