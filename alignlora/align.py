@@ -11,8 +11,8 @@ from typing import Sequence
 import torch
 
 # %% auto #0
-__all__ = ['ALIGN_KINDS', 'ALIGN_POOLS', 'MMD_BANDWIDTHS', 'DEFAULT_LAMBDA', 'KL_EPS', 'KERNEL_MIN_EXPONENT', 'check_align_args',
-           'AlignSpec', 'align_loss', 'released_mmd_bytes']
+__all__ = ['ALIGN_KINDS', 'ALIGN_POOLS', 'MMD_BANDWIDTHS', 'DEFAULT_LAMBDA', 'KL_EPS', 'KERNEL_MIN_EXPONENT', 'MMD_FUSE_ELEMENTS',
+           'check_align_args', 'AlignSpec', 'align_loss', 'released_mmd_bytes']
 
 # %% ../nbs/03_align.ipynb #b50959de
 ALIGN_KINDS = ("kl", "mmd")   # A-LoRA-K, A-LoRA-M
@@ -141,6 +141,7 @@ def _kl_layer(x: torch.Tensor, Wf: torch.Tensor, iu: torch.Tensor):
 
 # %% ../nbs/03_align.ipynb #9be1d08b
 KERNEL_MIN_EXPONENT = -80.0   # exp(-80) ≈ 2e-35: below it a kernel term is 0 for all purposes
+MMD_FUSE_ELEMENTS = 1 << 21   # fused MMD: layers per group so that a [positions, batch, batch] buffer stays ≤ 8 MB fp32
 
 def _sqdist(xs: torch.Tensor) -> torch.Tensor:
     "xs [S, B, r] → squared distances [S, B, B] from exact differences (d(b, b) = 0 exactly; no [S, B, B, r] tensor)."
@@ -228,27 +229,31 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
     n_layers = len(feats)
     if pool == "mean": feats = [_mean_pool(f.to(_compute_dtype(f.dtype)), m) for f in feats]
     dts = {_compute_dtype(f.dtype) for f in feats}
-    reps = 1                                           # layers stacked as positions (fused MMD)
+    reps = [1] * n_layers                              # layers held by each entry of `feats`
     if fuse and n_layers > 1 and len(dts) == 1:
         dt, = dts
         if kind == "kl":     # per-layer KL sums over its r dims: one KL of the r-concatenated features
-            feats = [torch.cat([f.to(dt) for f in feats], -1)]
-        elif len({f.shape[-1] for f in feats}) == 1:   # MMD: layer l's positions become positions l·S … (l+1)·S − 1
-            feats, reps = [torch.cat([f.to(dt) for f in feats], 1)], n_layers
-            W = W.repeat(1, 1, reps)
-    weights = {}                                       # per compute dtype, shared by all layers (saved once)
+            feats, reps = [torch.cat([f.to(dt) for f in feats], -1)], [n_layers]
+        elif len({f.shape[-1] for f in feats}) == 1:
+            # MMD: in a group of layers, layer l's positions become positions l·S … (l+1)·S − 1; groups keep the
+            # [positions, batch, batch] kernel buffers under MMD_FUSE_ELEMENTS
+            per = max(1, MMD_FUSE_ELEMENTS // (W.shape[2] * B * B))
+            groups = [feats[i:i + per] for i in range(0, n_layers, per)]
+            feats, reps = [torch.cat([f.to(dt) for f in g], 1) if len(g) > 1 else g[0] for g in groups], [len(g) for g in groups]
+    weights = {}                                       # per compute dtype (and group size), shared by all layers
     layer_losses = []
-    for x in feats:
+    for x, rep in zip(feats, reps):
         dt = _compute_dtype(x.dtype)
-        if dt not in weights:   # MMD: W[t, b, s] = onehot[t, b] · mask[b, s] (each sample has one task)
-            weights[dt] = W.to(dt) if kind == "kl" else (W.any(2).to(dt), W.any(0).T.to(dt))
-        if kind == "kl": val, ok = _kl_layer(x, weights[dt], iu)      # pairs i < j: [P, S]
-        else: val, ok = _mmd_layer(x, *weights[dt], iu, bandwidths)
+        key = (dt, rep if kind == "mmd" else 1)
+        if key not in weights:   # MMD: W[t, b, s] = onehot[t, b] · mask[b, s] (each sample has one task)
+            weights[key] = W.to(dt) if kind == "kl" else (W.any(2).to(dt), W.any(0).T.repeat(rep, 1).to(dt))
+        if kind == "kl": val, ok = _kl_layer(x, weights[key], iu)      # pairs i < j: [P, S]
+        else: val, ok = _mmd_layer(x, *weights[key], iu, bandwidths)
         n_pos = ok.sum(1)
         per_pair = torch.where(ok, val, 0).sum(1) / n_pos.clamp(min=1)
         has = n_pos > 0
         if not has.any(): layer_losses.append(x.sum() * 0); continue
-        layer_losses.append(per_pair[has].mean() * reps)   # stacked MMD: the mean over layers, times the layers
+        layer_losses.append(per_pair[has].mean() * (rep if kind == "mmd" else 1))   # stacked MMD: mean over its layers
     return torch.stack(layer_losses).sum() / n_layers   # fused: one entry holding all layers' sums
 
 # %% ../nbs/03_align.ipynb #481ed2c5
