@@ -229,31 +229,31 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
     n_layers = len(feats)
     if pool == "mean": feats = [_mean_pool(f.to(_compute_dtype(f.dtype)), m) for f in feats]
     dts = {_compute_dtype(f.dtype) for f in feats}
-    reps = [1] * n_layers                              # layers held by each entry of `feats`
+    stacked = [1] * n_layers                           # layers stacked as positions in each entry of `feats`
     if fuse and n_layers > 1 and len(dts) == 1:
         dt, = dts
         if kind == "kl":     # per-layer KL sums over its r dims: one KL of the r-concatenated features
-            feats, reps = [torch.cat([f.to(dt) for f in feats], -1)], [n_layers]
+            feats, stacked = [torch.cat([f.to(dt) for f in feats], -1)], [1]
         elif len({f.shape[-1] for f in feats}) == 1:
             # MMD: in a group of layers, layer l's positions become positions l·S … (l+1)·S − 1; groups keep the
             # [positions, batch, batch] kernel buffers under MMD_FUSE_ELEMENTS
             per = max(1, MMD_FUSE_ELEMENTS // (W.shape[2] * B * B))
             groups = [feats[i:i + per] for i in range(0, n_layers, per)]
-            feats, reps = [torch.cat([f.to(dt) for f in g], 1) if len(g) > 1 else g[0] for g in groups], [len(g) for g in groups]
-    weights = {}                                       # per compute dtype (and group size), shared by all layers
+            feats = [torch.cat([f.to(dt) for f in g], 1) if len(g) > 1 else g[0] for g in groups]
+            stacked = [len(g) for g in groups]
+    weights = {}                                       # per compute dtype and stacking, shared by all layers
     layer_losses = []
-    for x, rep in zip(feats, reps):
+    for x, rep in zip(feats, stacked):
         dt = _compute_dtype(x.dtype)
-        key = (dt, rep if kind == "mmd" else 1)
-        if key not in weights:   # MMD: W[t, b, s] = onehot[t, b] · mask[b, s] (each sample has one task)
-            weights[key] = W.to(dt) if kind == "kl" else (W.any(2).to(dt), W.any(0).T.repeat(rep, 1).to(dt))
-        if kind == "kl": val, ok = _kl_layer(x, weights[key], iu)      # pairs i < j: [P, S]
-        else: val, ok = _mmd_layer(x, *weights[key], iu, bandwidths)
+        if (dt, rep) not in weights:   # MMD: W[t, b, s] = onehot[t, b] · mask[b, s] (each sample has one task)
+            weights[dt, rep] = W.to(dt) if kind == "kl" else (W.any(2).to(dt), W.any(0).T.repeat(rep, 1).to(dt))
+        if kind == "kl": val, ok = _kl_layer(x, weights[dt, rep], iu)      # pairs i < j: [P, S]
+        else: val, ok = _mmd_layer(x, *weights[dt, rep], iu, bandwidths)
         n_pos = ok.sum(1)
         per_pair = torch.where(ok, val, 0).sum(1) / n_pos.clamp(min=1)
         has = n_pos > 0
         if not has.any(): layer_losses.append(x.sum() * 0); continue
-        layer_losses.append(per_pair[has].mean() * (rep if kind == "mmd" else 1))   # stacked MMD: mean over its layers
+        layer_losses.append(per_pair[has].mean() * rep)   # stacked: the mean over its layers, times their number
     return torch.stack(layer_losses).sum() / n_layers   # fused: one entry holding all layers' sums
 
 # %% ../nbs/03_align.ipynb #481ed2c5
