@@ -29,7 +29,7 @@ def data_dir(data_dir: str | Path | None = None, # explicit folder; wins over th
     if d is None: return None
     d = Path(d).expanduser()
     if not d.is_dir():
-        raise FileNotFoundError(f"Data folder {d} does not exist (from {'the argument' if data_dir else '$ALIGNLORA_DATA'}); "
+        raise FileNotFoundError(f"Data folder {d.resolve()} does not exist (from {'the argument' if data_dir else '$ALIGNLORA_DATA'}); "
                                 "point ALIGNLORA_DATA at the offline benchmark folder (e.g. ../shared/data) or unset it to use the hub.")
     return d
 

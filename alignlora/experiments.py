@@ -454,10 +454,11 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
     p = get_profile(profile)
     root = project_root()
     results_dir = Path(results_dir or root / "results" / p.name).resolve()
+    from alignlora.data import data_dir as find_data
+    data = find_data(data_dir)   # checked before any notebook runs; absolute, because notebooks run in nbs/paper/
     (results_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     params = dict(profile=p.name, seeds=list(seeds) if seeds else list(p.seeds), results_dir=str(results_dir),
-                  runs_dir=str(Path(runs_dir(runs_dir_)).resolve()),
-                  data_dir=str(Path(data_dir).resolve()) if data_dir else (os.environ.get("ALIGNLORA_DATA") or ""))
+                  runs_dir=str(Path(runs_dir(runs_dir_)).resolve()), data_dir=str(data.resolve()) if data else "")
     times = []
     wt = results_dir / "walltimes.csv"
     old = read_table(wt)[0].drop(columns=["index"], errors="ignore") if wt.exists() else pd.DataFrame(columns=["notebook", "wall_s"])
@@ -502,7 +503,7 @@ def reproduce_cli(argv=None):
     try:
         reproduce(a.profile, a.results_dir or None, [int(s) for s in a.seeds.split(",")] if a.seeds else None,
                   a.runs_dir, a.data_dir, a.only.split(",") if a.only else None)
-    except RuntimeError as e:
+    except (RuntimeError, FileNotFoundError) as e:
         print(e, file=sys.stderr); raise SystemExit(1)
 
 # %% ../nbs/06_experiments.ipynb #86761c88

@@ -86,3 +86,22 @@ def test_second_reproduce_recomputes_no_run(smoke):
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/TRAINED")} == before
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/eval/*.json")} == evals_before
     assert _body(res / "table1.csv") == t1, "same cache → identical table"
+
+
+def test_reproduce_resolves_relative_data_folder(tmp_path, monkeypatch):
+    "A relative $ALIGNLORA_DATA (as in `ALIGNLORA_DATA=../shared/data make reproduce`) reaches the notebooks absolute."
+    data = os.environ.get("ALIGNLORA_DATA")
+    if not data: pytest.skip("no offline data folder ($ALIGNLORA_DATA)")
+    monkeypatch.setenv("ALIGNLORA_DATA", os.path.relpath(Path(data).resolve(), Path.cwd()))
+    res = tmp_path / "results" / "smoke"
+    reproduce("smoke", results_dir=res, runs_dir_=tmp_path / "runs", only=["param_budgets"], log=lambda *a: None)
+    out = (res / "notebooks" / "01_param_budgets.ipynb").read_text()
+    assert f'data_dir = \\"{Path(data).resolve()}\\"' in out, "papermill got a data_dir other than the absolute folder"
+
+
+def test_reproduce_missing_data_folder_fails_before_any_notebook(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNLORA_DATA", "no/such/folder")
+    res = tmp_path / "results" / "smoke"
+    with pytest.raises(FileNotFoundError, match="ALIGNLORA_DATA"):
+        reproduce("smoke", results_dir=res, runs_dir_=tmp_path / "runs", log=lambda *a: None)
+    assert not res.exists(), "a failed start must not create results"
