@@ -67,18 +67,18 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("smoke", "tiny", n_train=8, k=2, max_steps=2, lr=1e-3, max_length=128, eval_limit=4, gsm8k_limit=2,
             bbh_limit=2, max_new_tokens=8, label_max_new_tokens=8, bbh_max_new_tokens=8, eval_batch_size=4,
             note="random tiny model: every notebook end to end in seconds; numbers are meaningless (tests, CI)"),
-    # cpu: 9 steps (90 rows, 1.5x the former 6): packing + per-sequence attention made a run 1.1-1.5x faster (issue 9)
-    Profile("cpu", "smollm2-135m", n_train=128, k=2, max_steps=9, lr=1e-3, max_length=256, eval_limit=30,
+    # cpu: 8 samples per task behind every alignment statistic (one micro-batch of 40 rows per step), 4 steps
+    Profile("cpu", "smollm2-135m", n_train=128, k=8, max_steps=4, lr=2e-3, max_length=256, eval_limit=30,
             gsm8k_limit=8, bbh_limit=2, max_new_tokens=96, label_max_new_tokens=16, bbh_max_new_tokens=24, eval_batch_size=16,
-            note="SmolLM2-135M offline on 2 CPU cores, whole paper in about 2 h; too small to separate methods"),
-    Profile("gpu", "smollm2-135m", n_train=None, k=4, max_steps=None, grad_accum=2, lr=2e-4, max_length=512,
+            note="SmolLM2-135M offline on 2 CPU cores, whole paper in under 2 h; 8 samples per task per step; too small to separate most methods"),
+    Profile("gpu", "smollm2-135m", n_train=None, k=4, max_steps=None, grad_accum=4, lr=2e-4, max_length=512,
             eval_limit=None, gsm8k_limit=None, bbh_limit=None, max_new_tokens=128, seeds=(0, 1, 2),
             eval_batch_size=64, dtype="bfloat16", device="cuda",
-            note="full training sets, 3 seeds, one GPU"),
-    Profile("paper", "qwen2.5-3b", n_train=None, k=2, max_steps=None, grad_accum=16, lr=2e-4, max_length=512,
+            note="full training sets, 3 seeds, one GPU; alignment over 16 samples per task (k 4 x accumulation 4)"),
+    Profile("paper", "qwen2.5-3b", n_train=None, k=1, max_steps=None, grad_accum=10, lr=2e-4, max_length=512,
             eval_limit=None, gsm8k_limit=None, bbh_limit=None, max_new_tokens=128, seeds=(42,),
             eval_batch_size=32, dtype="bfloat16", device="cuda",
-            note="the paper's hyper-parameters (lr 2e-4, 1 epoch, α 32, max length 512, bf16); models from the hub"),
+            note="the paper's hyper-parameters (lr 2e-4, 1 epoch, α 32, max length 512, bf16; 5 rows per device x accumulation 10 = 10 samples per task per step); models from the hub"),
 ]}
 
 def get_profile(name: str | Profile) -> Profile:

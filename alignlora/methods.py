@@ -21,6 +21,7 @@ class Method:
     adapter: AdapterConfig        # what add_adapters builds
     align: str | None = None      # alignment loss on the A outputs: None, 'kl' or 'mmd'
     align_lambda: float = 0.0     # weight λ of the alignment loss (0 without one)
+    align_groups: str = "task"    # what the loss compares: 'task' groups (paper) or 'positional' (released trainer)
     paper_name: str = ""          # how the paper's tables name it
     note: str = ""                # what is assumed where the paper is silent
 
@@ -69,7 +70,7 @@ def get_method(name_or_method: str | Method,  # registry name or a Method
     else: raise KeyError(f"Unknown method {name_or_method!r}. Known methods: {', '.join(METHODS)}")
     if not overrides: return m
     ad_fields = {f.name for f in fields(AdapterConfig)}
-    m_fields = {"name", "align", "align_lambda", "paper_name", "note"}
+    m_fields = {"name", "align", "align_lambda", "align_groups", "paper_name", "note"}
     bad = sorted(set(overrides) - ad_fields - m_fields)
     if bad: raise TypeError(f"get_method({m.name!r}): unknown field(s) {bad}; adapter fields: {sorted(ad_fields)}, "
                             f"method fields: {sorted(m_fields)}")

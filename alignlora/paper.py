@@ -175,7 +175,7 @@ def training_diagnostics(df_runs: pd.DataFrame,  # tidy frame from run_grid / co
                          runs_dir=None,          # the run cache the frame came from
                          by: str = "method"      # row label column
                         ) -> pd.DataFrame:
-    "Per run: first/last LM loss, alignment loss, median gradient norm and λ·L_align/L_LM at step 1, from train/log.jsonl."
+    "Per run: first/last LM loss, alignment loss, median gradient norm, λ·L_align/L_LM at step 1 and samples per task, from train/log.jsonl."
     from alignlora.experiments import runs_dir as _rd
     import json
     rows = []
@@ -190,9 +190,11 @@ def training_diagnostics(df_runs: pd.DataFrame,  # tidy frame from run_grid / co
             from alignlora.methods import get_method
             lam = getattr(get_method(spec["method"]), "align_lambda", 0.0) or 0.0
         a0, a1 = steps[0].get("align_loss"), steps[-1].get("align_loss")
+        # samples of every task behind each alignment statistic, as the trainer logged them (else from the spec)
+        k_task = steps[0].get("align_samples") or spec.get("k", 0) * spec.get("grad_accum", 1)
         rows.append({by: label, "seed": spec.get("seed"), "steps": len(steps),
                      "lm_loss_first": steps[0]["lm_loss"], "lm_loss_last": steps[-1]["lm_loss"],
                      "align_loss_first": a0, "align_loss_last": a1,
                      "grad_norm_median": float(np.median([r.get("grad_norm", np.nan) for r in steps])),
-                     "align_to_lm": (lam * a0 / steps[0]["lm_loss"]) if a0 is not None else np.nan})
+                     "align_to_lm": (lam * a0 / steps[0]["lm_loss"]) if a0 is not None else np.nan, "k_per_task": k_task})
     return pd.DataFrame(rows).set_index(by) if rows else pd.DataFrame()

@@ -18,7 +18,7 @@ from .models import load_model
 from .data import load_task, encode_many, collate, BalancedSampler
 from .adapters import add_adapters, capture_features, save_adapters, load_adapters, adapter_layers
 from .methods import get_method
-from .align import align_loss
+from .align import align_loss, align_groups, check_align_samples, check_align_groups, _compute_dtype
 
 # %% auto #0
 __all__ = ['IGNORE', 'SEGMENT_ATTENTION', 'ALIGN_MASKS', 'PAPER_TRAINING', 'shift_labels', 'pad_collate', 'pack_collate',
@@ -190,7 +190,7 @@ def alignment_mask(input_ids: torch.Tensor,       # [batch, seq] padded layout (
     return m
 
 def check_alignment(kind: str | None, lam: float, adapter_config=None, k: int | None = None, pack: bool = False,
-                    align_mask: str = "tokens") -> tuple[str | None, float]:
+                    align_mask: str = "tokens", grad_accum: int = 1, groups: str = "task") -> tuple[str | None, float]:
     "Validate the alignment settings before training; returns `(kind, λ)` (`kind=None` / λ=0: no alignment)."
     if kind is None: return None, 0.0
     if kind not in ("kl", "mmd"):
@@ -208,14 +208,72 @@ def check_alignment(kind: str | None, lam: float, adapter_config=None, k: int | 
         raise ValueError(f"alignment needs one shared A per layer, but this adapter has {experts} experts with separate "
                          "A matrices (multi-adapter family); use a single-A method (lora, m-lora, hydralora, ...) "
                          "or turn alignment off (align=None).")
-    if kind == "kl" and k is not None and k < 2:
-        raise ValueError(f"KL alignment needs ≥ 2 samples of every task per batch (unbiased variance), got k={k} "
-                         "per task: raise k (per_device_train_batch_size = k × tasks) or use kind='mmd'.")
+    check_align_groups(groups)
+    if align_mask == "all" and grad_accum > 1:
+        raise ValueError("align_mask='all' (padding included) is defined per padded micro-batch; with gradient accumulation "
+                         "the step's micro-batches have different padding: use align_mask='tokens' or 'content'.")
+    if k is not None and lam > 0: check_align_samples(kind, k * grad_accum)   # the statistics span one optimizer step
     return kind, lam
+
+# %% ../nbs/04_train.ipynb #e70a9cf2
+def _rng_state(device: torch.device) -> tuple:
+    "The generator states dropout draws from: the CPU's, and the current CUDA device's."
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+def _set_rng_state(state: tuple, device: torch.device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None: torch.cuda.set_rng_state(state[1], device)
+
+def _pad_to(x: torch.Tensor, S: int, value=0) -> torch.Tensor:
+    "Right-pad dim 1 of `x` to length S."
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, S - x.shape[1]), value=value) if x.shape[1] < S else x
+
+@dataclass
+class _StepShare:
+    "One micro-batch's share of its step's alignment: the generator state to replay, ∂L/∂X_j per layer, L."
+    rng: tuple
+    grads: list
+    value: torch.Tensor | None   # the step's alignment loss, carried by its first micro-batch (logged once)
+    samples: int                 # samples of the smallest group behind the step's statistics
+
+def _step_alignment(tr, model, batches: list) -> list[_StepShare]:
+    "The no-grad pre-pass: the step's alignment loss over all its micro-batches, and its gradient per micro-batch."
+    unwrapped, device = tr.accelerator.unwrap_model(model), tr.args.device
+    rngs, feats, rows = [], [], []
+    for b in batches:
+        b = tr._prepare_inputs(b)
+        fwd, per_seq = tr._forward_args(b)
+        fwd["logits_to_keep"] = 1                       # the features are all it needs: skip the LM head
+        rngs.append(_rng_state(device))
+        with torch.no_grad(), tr.compute_loss_context_manager(), capture_features(unwrapped) as f, \
+             segment_attention(unwrapped, enabled=per_seq):
+            unwrapped(**fwd, use_cache=False)
+        ui = b.get("unpack_index")
+        feats.append([(unpack(x, ui) if ui is not None else x) for x in f])
+        rows.append(tr._padded_rows(b))
+    S = max(ids.shape[1] for ids, *_ in rows)
+    ids = torch.cat([_pad_to(r[0], S, tr.pad_token_id) for r in rows])
+    real = torch.cat([_pad_to(r[1], S, False) for r in rows])
+    labels = torch.cat([_pad_to(r[2], S, IGNORE) for r in rows])
+    tids = torch.cat([r[3] for r in rows])
+    mask = alignment_mask(ids, real, labels, tids, tr.align_mask)
+    groups = tr._groups(tids)
+    X = [torch.cat([_pad_to(f[l], S) for f in feats]).to(_compute_dtype(feats[0][l].dtype)).requires_grad_()
+         for l in range(len(feats[0]))]
+    with torch.enable_grad():
+        L = tr._align_value(X, groups, mask, tids)
+        grads = torch.autograd.grad(L, X)
+    samples = int(torch.bincount(groups).min())
+    shares, start = [], 0
+    for j, r in enumerate(rows):
+        n, s = r[0].shape
+        shares.append(_StepShare(rngs[j], [g[start:start + n, :s] for g in grads], L.detach() if j == 0 else None, samples))
+        start += n
+    return shares
 
 # %% ../nbs/04_train.ipynb #fd554e78
 class AlignTrainer(Trainer):
-    "A `Trainer` on balanced multi-task batches whose loss is LM + λ·L_align, computed per micro-batch."
+    "A `Trainer` on balanced multi-task batches whose loss is LM + λ·L_align, the alignment over each optimizer step."
     loss_is_scaled_for_ga = True   # compute_loss normalises by the whole accumulated batch itself
 
     def __init__(self, *args,
@@ -229,6 +287,7 @@ class AlignTrainer(Trainer):
                  pack_max_tokens: int | None = None,       # token budget of a packed row (None: one row per micro-batch)
                  supervised_logits: bool = True,           # LM head only at supervised positions
                  per_sequence_attention: bool = True,      # packed batches: one causal sdpa per sequence (`segment_sdpa`)
+                 align_groups: str = "task",               # 'task' (paper) | 'positional' (released trainer)
                  **kwargs):
         super().__init__(*args, **kwargs)
         ds = self.train_dataset
@@ -245,9 +304,13 @@ class AlignTrainer(Trainer):
                              f"balanced batches hold k examples of each task: use k × {self.num_tasks}.")
         self.k = bs // max(1, self.num_tasks)
         adapter_cfg = getattr(getattr(self.model, "alignlora_method", None), "adapter", None)
-        self.align, self.align_lambda = check_alignment(align, align_lambda, adapter_cfg, self.k, pack, align_mask)
+        ga = self.args.gradient_accumulation_steps
+        self.align, self.align_lambda = check_alignment(align, align_lambda, adapter_cfg, self.k, pack, align_mask, ga,
+                                                        align_groups)
         if self.align_lambda == 0: self.align = None
-        self.align_pool, self.align_mask = align_pool, align_mask
+        self.align_pool, self.align_mask, self.align_groups = align_pool, align_mask, align_groups
+        self.align_samples = self.k * ga                  # per task and optimizer step, on this rank
+        self._step_shares: list[_StepShare] = []
         self.pack, self.pack_max_tokens, self.supervised_logits = pack, pack_max_tokens, supervised_logits
         self.per_sequence_attention = per_sequence_attention
         tok = self.processing_class
@@ -277,31 +340,51 @@ class AlignTrainer(Trainer):
                                 num_workers=self.args.dataloader_num_workers)
 
     # ---- loss ----
-    def _alignment_mask(self, batch: dict, task_ids: torch.Tensor):
-        "The alignment mask in the padded layout (packed batches are unpacked first)."
+    def _padded_rows(self, batch: dict) -> tuple:
+        "(input_ids, real-token mask, labels, task ids) of a micro-batch in the padded layout (packed: unpacked)."
         if "unpack_index" in batch:
             ui, um = batch["unpack_index"], batch["unpack_mask"]
-            ids, lab = unpack(batch["input_ids"], ui), unpack(batch["labels"], ui).masked_fill(~um, IGNORE)
-            return alignment_mask(ids, um, lab, task_ids, self.align_mask)
-        return alignment_mask(batch["input_ids"], batch["attention_mask"], batch["labels"], task_ids, self.align_mask)
+            return unpack(batch["input_ids"], ui), um, unpack(batch["labels"], ui).masked_fill(~um, IGNORE), batch["task_ids"]
+        return batch["input_ids"], batch["attention_mask"].bool(), batch["labels"], batch["task_ids"]
+
+    def _forward_args(self, inputs: dict) -> tuple[dict, bool]:
+        "The model's keyword arguments for a micro-batch, and whether it attends per packed sequence."
+        fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        per_seq = self.per_sequence_attention and inputs.get("cu_seq_lens") is not None
+        if per_seq: fwd["cu_seq_lens_q"] = inputs["cu_seq_lens"]   # the 4-D mask stays: exact on any other attention
+        return fwd, per_seq
+
+    def _groups(self, task_ids: torch.Tensor) -> torch.Tensor:
+        "The alignment groups of a step's rows: task ids, or positional groups (seeded by seed and step)."
+        return align_groups(task_ids, self.align_groups, self.num_tasks, seed=self.args.seed * 100_003 + self.state.global_step)
+
+    def _align_value(self, feats, groups, mask, task_ids) -> torch.Tensor:
+        try: return align_loss(feats, groups, kind=self.align, mask=mask, pool=self.align_pool, num_tasks=self.num_tasks)
+        except ValueError as e:
+            counts = torch.bincount(task_ids.cpu(), minlength=self.num_tasks).tolist()
+            raise ValueError(f"{e} [rows per task: {dict(zip(self.task_names, counts))}]") from None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        "The step's micro-batches; with alignment over several of them, the pre-pass (`_step_alignment`) runs here."
+        batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.align is not None and len(batches) > 1: self._step_shares = _step_alignment(self, self.model, batches)
+        return batches, n_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        "LM loss (normalised over the accumulated batch) + λ/G · alignment loss of this micro-batch."
+        "LM loss (normalised over the accumulated batch) + λ · this micro-batch's share of the step's alignment loss."
         inputs = dict(inputs)
-        task_ids = inputs.pop("task_ids")
-        labels = inputs.pop("labels")
-        shifted = inputs.pop("shift_labels", None)
+        labels, task_ids = inputs["labels"], inputs["task_ids"]
+        shifted = inputs.get("shift_labels")
         if shifted is None: shifted = shift_labels(labels)
-        unpack_index, unpack_mask = inputs.pop("unpack_index", None), inputs.pop("unpack_mask", None)
-        cu = inputs.pop("cu_seq_lens", None)
-        fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        per_seq = self.per_sequence_attention and cu is not None
-        if per_seq: fwd["cu_seq_lens_q"] = cu      # the 4-D mask stays: exact on any other attention implementation
+        fwd, per_seq = self._forward_args(inputs)
         keep = shifted != IGNORE
         if self.supervised_logits:   # one packed row: 1-D positions (any transformers 5.x); else a [rows, T] bool mask
             fwd["logits_to_keep"] = keep[0].nonzero().flatten() if keep.shape[0] == 1 else keep
         unwrapped = self.accelerator.unwrap_model(model)
-        cap = capture_features(unwrapped) if self.align is not None and model.training else contextlib.nullcontext([])
+        aligning = self.align is not None and model.training
+        share = self._step_shares.pop(0) if aligning and self._step_shares else None
+        if share is not None: _set_rng_state(share.rng, self.args.device)   # the pre-pass's dropout masks
+        cap = capture_features(unwrapped) if aligning else contextlib.nullcontext([])
         with cap as feats, segment_attention(unwrapped, enabled=per_seq):
             out = model(**fwd, use_cache=False)
         logits = out.logits
@@ -316,22 +399,23 @@ class AlignTrainer(Trainer):
                 lm = lm * self.args.world_size   # DDP averages gradients over ranks; N counts all ranks' tokens
         else:
             lm = ce_sum / n_sup.clamp(min=1) / self.args.gradient_accumulation_steps
-        loss = lm
-        al = None
-        if self.align is not None and model.training:
+        loss, al = lm, None
+        if aligning:
             if not feats: raise RuntimeError("alignment is on but no adapter features were captured: add adapters first.")
-            if unpack_index is not None: feats = [unpack(f, unpack_index) for f in feats]
-            mask = self._alignment_mask(dict(inputs, labels=labels, unpack_index=unpack_index, unpack_mask=unpack_mask)
-                                        if unpack_index is not None else dict(inputs, labels=labels), task_ids)
-            try:
-                al = align_loss(feats, task_ids, kind=self.align, mask=mask, pool=self.align_pool, num_tasks=self.num_tasks)
-            except ValueError as e:
-                counts = torch.bincount(task_ids.cpu(), minlength=self.num_tasks).tolist()
-                raise ValueError(f"{e} [micro-batch per task: {dict(zip(self.task_names, counts))}]") from None
-            G = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-            loss = loss + self.align_lambda * al / G
+            ui = inputs.get("unpack_index")
+            if ui is not None: feats = [unpack(f, ui) for f in feats]
+            if share is not None:   # ⟨X_j, ∂L/∂X_j⟩: its gradient is this micro-batch's share of dL/dθ
+                loss = loss + self.align_lambda * sum((f.to(g.dtype) * g).sum() for f, g in zip(feats, share.grads))
+                al, self._align_samples = share.value, share.samples
+            else:                   # the step is this one micro-batch
+                rows = self._padded_rows(inputs)
+                groups = self._groups(task_ids)
+                al = self._align_value(feats, groups, alignment_mask(*rows, self.align_mask), task_ids)
+                loss = loss + self.align_lambda * al
+                self._align_samples = int(torch.bincount(groups).min())
         if model.training:
-            real = int(unpack_mask.sum()) if unpack_mask is not None else int(inputs["attention_mask"].sum())
+            um = inputs.get("unpack_mask")
+            real = int(um.sum()) if um is not None else int(inputs["attention_mask"].sum())
             self.real_tokens += real
             self._sums += torch.tensor([ce_sum.item(), n_sup.item(), al.item() if al is not None else 0.0,
                                         1.0 if al is not None else 0.0, real], dtype=torch.float64)
@@ -339,13 +423,15 @@ class AlignTrainer(Trainer):
 
     # ---- logs ----
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        "Adds `lm_loss` (token mean since the last log) and `align_loss` (mean over micro-batches) to training logs."
+        "Adds `lm_loss` (token mean since the last log), `align_loss` and `align_samples` (per task) to training logs."
         if "loss" in logs:
             s = self._sums.to(self.args.device, torch.float32 if self.args.device.type == "mps" else torch.float64)
             if self.args.world_size > 1: s = self.accelerator.reduce(s, reduction="sum")
             s = s.cpu().tolist()
             logs["lm_loss"] = s[0] / max(s[1], 1)
-            if self.align is not None: logs["align_loss"] = s[2] / max(s[3], 1)
+            if self.align is not None:
+                logs["align_loss"] = s[2] / max(s[3], 1)           # mean over the steps since the last log
+                logs["align_samples"] = getattr(self, "_align_samples", None)
             logs["tokens"] = int(s[4])
             self._sums.zero_()
         super().log(logs, start_time)
@@ -405,7 +491,7 @@ def _jsonable(x):
     return str(x)
 
 def _method_dict(method) -> dict:
-    return {k: _jsonable(getattr(method, k)) for k in ("name", "adapter", "align", "align_lambda") if hasattr(method, k)}
+    return {k: _jsonable(getattr(method, k)) for k in ("name", "adapter", "align", "align_lambda", "align_groups") if hasattr(method, k)}
 
 # %% ../nbs/04_train.ipynb #d38ff65f
 PAPER_TRAINING = dict(learning_rate=2e-4, num_train_epochs=1, lr_scheduler_type="cosine", warmup_steps=0.03,
@@ -420,6 +506,19 @@ def _training_args(out: Path, k: int, n_tasks: int, seed: int, device, progress:
     if kw.get("gradient_checkpointing"):
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False, **(kw.get("gradient_checkpointing_kwargs") or {})}
     return TrainingArguments(**kw)
+
+def _grad_accum(k: int, align_samples: int | None, training_args: dict) -> int:
+    "Gradient accumulation steps from `align_samples` (= k × steps) or the Trainer argument; sets the argument."
+    ga = training_args.get("gradient_accumulation_steps", 1)
+    if align_samples is not None:
+        if isinstance(align_samples, bool) or not isinstance(align_samples, int) or align_samples < 1 or align_samples % k:
+            raise ValueError(f"align_samples={align_samples!r} must be a positive multiple of k={k} (samples per task per "
+                             "micro-batch): align_samples = k × gradient_accumulation_steps.")
+        if "gradient_accumulation_steps" in training_args and ga * k != align_samples:
+            raise ValueError(f"align_samples={align_samples} contradicts k={k} × gradient_accumulation_steps={ga}; "
+                             "pass one of them.")
+        ga = training_args["gradient_accumulation_steps"] = align_samples // k
+    return ga
 
 def _finalise(partial: Path, output_dir: Path, overwrite: bool):
     "Rename the finished partial folder into place (replacing an old run only when `overwrite`)."
@@ -444,6 +543,8 @@ def train(model_name: str,                      # `load_model` name / folder (or
           align_lambda: float | None = None,    # λ; None = the method's
           align_pool: str = "token",            # 'token' (paper) | 'mean'
           align_mask: str = "content",          # 'content' | 'tokens' (non-padding) | 'answer' | 'all' (padded only)
+          align_samples: int | None = None,     # samples of every task per optimizer step = k × gradient accumulation
+          align_groups: str | None = None,      # 'task' | 'positional'; None = the method's
           pack: bool = True,                    # packed micro-batches (exact; off = padded)
           pack_max_tokens: int | None = None,   # token budget of one packed row
           supervised_logits: bool = True,       # LM head only at supervised positions
@@ -469,7 +570,9 @@ def train(model_name: str,                      # `load_model` name / folder (or
     kind = getattr(m, "align", None) if align == "method" else align
     lam = getattr(m, "align_lambda", None) if align_lambda is None else align_lambda
     if kind is not None and lam is None: lam = {"kl": 0.2, "mmd": 0.01}.get(kind, 0.0)
-    kind, lam = check_alignment(kind, lam or 0.0, getattr(m, "adapter", None), k, pack, align_mask)
+    ga = _grad_accum(k, align_samples, training_args)
+    groups = align_groups or getattr(m, "align_groups", "task")
+    kind, lam = check_alignment(kind, lam or 0.0, getattr(m, "adapter", None), k, pack, align_mask, ga, groups)
     if kind is not None and len(task_names) < 2: raise ValueError("alignment needs at least 2 tasks.")
 
     # model + adapters (seeded init)
@@ -489,7 +592,8 @@ def train(model_name: str,                      # `load_model` name / folder (or
 
     config = dict(model=model_name if isinstance(model_name, str) else type(model_name).__name__, method=_method_dict(m),
                   tasks=task_names, task_sizes=sizes, n_train=n_train, max_length=max_length, seed=seed, k=k,
-                  align=kind, align_lambda=lam, align_pool=align_pool, align_mask=align_mask, pack=pack,
+                  align=kind, align_lambda=lam, align_pool=align_pool, align_mask=align_mask, align_groups=groups,
+                  align_samples=k * ga, pack=pack,
                   pack_max_tokens=pack_max_tokens, supervised_logits=supervised_logits,
                   target_modules=list(target_modules) if target_modules else None, dtype=str(dtype), device=str(device),
                   data_dir=str(data_dir) if data_dir else os.environ.get("ALIGNLORA_DATA"),
@@ -524,7 +628,7 @@ def train(model_name: str,                      # `load_model` name / folder (or
     logger = _JsonlLog(partial / "log.jsonl" if output_dir is not None else None)
     trainer = AlignTrainer(model=model, args=args, train_dataset=features, processing_class=tok, task_sizes=sizes,
                            task_names=task_names, align=kind, align_lambda=lam, align_pool=align_pool,
-                           align_mask=align_mask, pack=pack, pack_max_tokens=pack_max_tokens,
+                           align_mask=align_mask, align_groups=groups, pack=pack, pack_max_tokens=pack_max_tokens,
                            supervised_logits=supervised_logits, callbacks=[logger, *callbacks])
     if torch.cuda.is_available() and str(device).startswith("cuda"): torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
