@@ -6,6 +6,7 @@
 from __future__ import annotations
 import dataclasses, hashlib, json, math, os, platform, shutil, subprocess, sys, tempfile, threading, time, traceback, uuid, warnings
 from dataclasses import dataclass, field, asdict, replace
+from functools import lru_cache
 from itertools import product
 from pathlib import Path
 from typing import Any, Iterable
@@ -14,12 +15,13 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['PROFILES', 'CALLS', 'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'atomic_write', 'atomic_json', 'Profile',
-           'get_profile', 'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'paired_bootstrap',
-           'fmt_pm', 'verdict', 'hardware', 'data_manifest_hash', 'provenance', 'write_table', 'read_table',
-           'save_figure', 'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run',
-           'eval_status', 'run', 'run_grid', 'collect', 'per_example', 'claim_row', 'write_claims', 'project_root',
-           'paper_notebooks', 'reproduce', 'reproduce_cli', 'write_index']
+__all__ = ['PROFILES', 'DTYPE_ALIASES', 'DTYPES', 'CALLS', 'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'atomic_write',
+           'atomic_json', 'Profile', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec', 'RunSpec',
+           'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'paired_bootstrap', 'fmt_pm', 'verdict',
+           'hardware', 'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure', 'runs_dir',
+           'run_status', 'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'run', 'run_grid',
+           'collect', 'per_example', 'claim_row', 'write_claims', 'project_root', 'paper_notebooks', 'reproduce',
+           'reproduce_cli', 'write_index']
 
 # %% ../nbs/06_experiments.ipynb #40fe7225
 def atomic_write(path: str | Path,     # target file
@@ -88,6 +90,71 @@ def get_profile(name: str | Profile) -> Profile:
     if name not in PROFILES: raise KeyError(f"Unknown profile {name!r}; known: {', '.join(PROFILES)}")
     return PROFILES[name]
 
+# %% ../nbs/06_experiments.ipynb #c7d87b30
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+DTYPES = ("float32", "bfloat16", "float16")
+
+@lru_cache(maxsize=16)
+def _linear_layer_names(model: str) -> tuple:
+    "Leaf and full names of the linear layers of a registered model with a shipped config (() otherwise)."
+    from alignlora.models import MODELS, meta_model
+    import torch
+    if model not in MODELS or not MODELS[model].config: return ()
+    return tuple(n for n, m in meta_model(model).named_modules() if isinstance(m, torch.nn.Linear))
+
+def checked_profile(profile) -> "Profile":
+    "`get_profile`, with the nearest known name for a typo."
+    if isinstance(profile, str) and profile not in PROFILES:
+        from alignlora.errors import unknown_name
+        raise unknown_name("profile", profile, PROFILES, "profile")
+    return get_profile(profile)
+
+def check_run_spec(s) -> None:
+    "Raise a clear error for any field of a `RunSpec` that training would misread or fail on late."
+    from alignlora.errors import check_int, check_names, check_number, unknown_name
+    from alignlora.models import check_model_name
+    from alignlora.methods import METHODS, get_method
+    from alignlora.data import TASKS
+    check_model_name(s.model)
+    if s.method != "base" and s.method not in METHODS: raise unknown_name("method", s.method, ["base", *METHODS], "method")
+    check_names("tasks", s.tasks, [n for n, t in TASKS.items() if t.train_split], "training task")
+    check_int("seed", s.seed, minimum=0); check_int("n_train", s.n_train, none_ok=True, note="None trains on every row.")
+    check_int("k", s.k); check_int("grad_accum", s.grad_accum); check_int("max_length", s.max_length, minimum=8)
+    check_int("max_steps", s.max_steps, none_ok=True, note="None trains one epoch.")
+    check_number("lr", s.lr, note="The paper uses 2e-4.")
+    if s.dtype not in DTYPES:
+        raise unknown_name("dtype", s.dtype, DTYPES, "dtype", fix=f"Use {DTYPE_ALIASES[s.dtype]!r}." if s.dtype in DTYPE_ALIASES else "")
+    if not s.target_modules or not all(isinstance(t, str) for t in s.target_modules):
+        raise ValueError(f"target_modules must be a non-empty list of layer names, got {s.target_modules!r}")
+    linears = _linear_layer_names(s.model)
+    for t in s.target_modules if linears else ():
+        if not any(n == t or n.endswith("." + t) for n in linears):
+            raise unknown_name("target_modules", t, sorted({n.rsplit(".", 1)[-1] for n in linears}), f"linear layer of {s.model}")
+    if s.method == "base":
+        if s.overrides: raise ValueError(f"overrides {dict(s.overrides)} do not apply to method 'base' (no adapters, no "
+                                         "training): drop them, or pick a method that has these fields.")
+        return
+    m = get_method(s.method, **dict(s.overrides))   # unknown fields and bad values raise here, naming the field
+    if m.align is not None:
+        from alignlora.train import check_alignment
+        check_alignment(m.align, m.align_lambda, m.adapter, s.k)
+        if len(s.tasks) < 2: raise ValueError(f"tasks={list(s.tasks)}: alignment ({s.method}) needs at least 2 tasks.")
+
+def check_eval_spec(e) -> None:
+    "Raise a clear error for any field of an `EvalSpec` that evaluation would misread or fail on late."
+    from alignlora.errors import check_int, unknown_name
+    from alignlora.eval import PROTOCOLS, expand_tasks
+    if isinstance(e.tasks, str) or not e.tasks:
+        raise ValueError(f"tasks must be a non-empty list of task names, got {e.tasks!r}; e.g. tasks=['piqa'].")
+    expand_tasks(e.tasks)
+    if e.protocol not in PROTOCOLS: raise unknown_name("protocol", e.protocol, PROTOCOLS, "evaluation protocol")
+    check_int("limit", e.limit, none_ok=True, note="None evaluates every row.")
+    check_int("max_new_tokens", e.max_new_tokens, none_ok=True); check_int("batch_size", e.batch_size)
+    for arg, pairs in (("limits", e.limits), ("caps", e.caps)):
+        for t, v in pairs:
+            if t not in e.tasks: raise ValueError(f"{arg} names {t!r}, which is not among tasks {list(e.tasks)}.")
+            check_int(f"{arg}[{t!r}]", v, none_ok=True)
+
 # %% ../nbs/06_experiments.ipynb #0226779a
 def _canon(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
@@ -112,6 +179,7 @@ class RunSpec:
     target_modules: tuple = ("gate_proj", "up_proj", "down_proj")
     dtype: str = "float32"
 
+    def __post_init__(self): check_run_spec(self)
     @property
     def key(self) -> str: return _hash(asdict(self))
     @property
@@ -129,6 +197,7 @@ class EvalSpec:
     max_new_tokens: int | None = None       # generation cap (None: the protocol's default)
     caps: tuple = ()                        # per-task (task, cap) overrides
     batch_size: int = 16
+    def __post_init__(self): check_eval_spec(self)
     @property
     def key(self) -> str: return _hash(asdict(self))
 
@@ -139,14 +208,15 @@ def make_spec(profile: str | Profile,       # profile giving model and training 
               target_modules: Iterable[str] = ("gate_proj", "up_proj", "down_proj"),
               **overrides) -> RunSpec:      # method overrides (e.g. align_lambda=0.1, r=4)
     "A `RunSpec` for `method` on `tasks` at `profile`'s scale."
-    p = get_profile(profile)
-    return RunSpec(model=p.model, method=method, tasks=tuple(tasks), seed=seed, overrides=tuple(sorted(overrides.items())),
+    p = checked_profile(profile)
+    one = lambda v: (v,) if isinstance(v, str) else tuple(v)   # one name given as a string is a list of one
+    return RunSpec(model=p.model, method=method, tasks=one(tasks), seed=seed, overrides=tuple(sorted(overrides.items())),
                    n_train=p.n_train, k=p.k, max_steps=p.max_steps, grad_accum=p.grad_accum, lr=p.lr,
-                   max_length=p.max_length, target_modules=tuple(target_modules), dtype=p.dtype)
+                   max_length=p.max_length, target_modules=one(target_modules), dtype=p.dtype)
 
 def make_eval(profile: str | Profile, tasks: Iterable[str], protocol: str = "generate", **kw) -> EvalSpec:
     "An `EvalSpec` with `profile`'s row limits (GSM8K and BBH get their own)."
-    p = get_profile(profile); tasks = tuple(tasks)
+    p = checked_profile(profile); tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     limits = tuple((t, p.gsm8k_limit if t == "gsm8k" else p.bbh_limit) for t in tasks
                    if (t == "gsm8k" and p.gsm8k_limit) or (t.startswith("bbh") and p.bbh_limit))
     if "max_new_tokens" not in kw:   # per-task caps: GSM8K writes a rationale, labels are a few tokens, BBH its own
