@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import save_file, load_file
 
+from .errors import check_int, check_number
+
 # %% auto #0
 __all__ = ['INITS', 'AGGREGATIONS', 'ADAPTER_FILE', 'CONFIG_FILE', 'FORMAT', 'PEFT_WEIGHTS', 'PEFT_CONFIG', 'AdapterConfig',
            'AdapterLinear', 'reset_parameters', 'routing_weights', 'forward', 'resolve_adapter_config',
@@ -44,10 +46,12 @@ class AdapterConfig:
     def __post_init__(self):
         if isinstance(self.target_modules, str): self.target_modules = (self.target_modules,)
         self.target_modules = tuple(self.target_modules)
-        if not isinstance(self.r, int) or self.r <= 0: raise ValueError(f"AdapterConfig: r must be a positive integer, got {self.r!r}")
+        check_int("r", self.r, note="r is the rank of each low-rank branch.")
+        for k in ("alpha", "gamma"): setattr(self, k, check_number(k, getattr(self, k)))
+        for k in ("dropout", "head_dropout"): check_number(k, getattr(self, k), inclusive=True)
         for k in ("heads", "experts"):
             v = getattr(self, k)
-            if not isinstance(v, int) or v < 1: raise ValueError(f"AdapterConfig: {k} must be an integer >= 1, got {v!r}")
+            check_int(k, v)
         if self.heads > 1 and self.experts > 1:
             raise ValueError("AdapterConfig: use either heads > 1 (B_i sharing one A) or experts > 1 (own A_i), not both")
         if self.init not in INITS: raise ValueError(f"AdapterConfig: unknown init {self.init!r}; use one of {INITS}")
@@ -57,7 +61,6 @@ class AdapterConfig:
             if not 0 <= getattr(self, k) < 1: raise ValueError(f"AdapterConfig: {k} must be in [0, 1), got {getattr(self, k)!r}")
         if self.router and self.branches == 1:
             raise ValueError("AdapterConfig: a router needs heads > 1 or experts > 1 (a softmax over one branch is always 1)")
-        if self.alpha <= 0 or self.gamma <= 0: raise ValueError("AdapterConfig: alpha and gamma must be positive")
 
     @property
     def branches(self) -> int:
@@ -195,7 +198,8 @@ def resolve_adapter_config(method_or_config) -> AdapterConfig:
     raise TypeError(f"Expected a method name, a method or an AdapterConfig, got {type(method_or_config).__name__}")
 
 def _matches(name: str, targets) -> bool:
-    if isinstance(targets, str): return re.fullmatch(targets, name) is not None
+    # a string is a regex on the full path, or, like a list entry, a layer name ('q_proj') or dotted suffix
+    if isinstance(targets, str): return re.fullmatch(targets, name) is not None or _matches(name, (targets,))
     return any(name == t or name.endswith("." + t) for t in targets)
 
 def adapter_layers(model: nn.Module) -> list[AdapterLinear]:
@@ -259,10 +263,22 @@ def delta_weight(layer: AdapterLinear) -> torch.Tensor:
     if layer.offset_A is not None: d = d + layer.offset_B.float() @ layer.offset_A.float()
     return d
 
+def _refuse_tied(model: nn.Module, layers):
+    "Merging into a weight shared with another module (lm_head ↔ embeddings) would change that module too."
+    names: dict = {}
+    for n, p in model.named_parameters(remove_duplicate=False): names.setdefault(id(p), []).append(n)
+    for l in layers:
+        own = [n for n in names.get(id(l.base.weight), []) if not n.startswith(f"{l.path}.")]
+        if own:
+            raise ValueError(f"merge_adapters: {l.path}.weight is tied to {own[0]}; merging would silently change "
+                             f"{own[0]} as well. Serve this model unmerged, or leave {l.path.rsplit('.', 1)[-1]} out of "
+                             "target_modules (or untie the weights before adding adapters).")
+
 @torch.no_grad()
 def merge_adapters(model: nn.Module) -> nn.Module:
     "Fold every (static) adapter into its base weight; forwards then cost what the base model costs."
     layers = adapter_layers(model)
+    _refuse_tied(model, layers)
     deltas = [delta_weight(l) for l in layers]     # all errors before any weight changes
     for l, d in zip(layers, deltas):
         if not l.merged: l.base.weight += d.to(l.base.weight.dtype); l.merged = True
@@ -321,8 +337,13 @@ def read_adapter_config(adapter_dir) -> AdapterConfig:
     "The `AdapterConfig` saved in an adapter directory."
     p = Path(adapter_dir) / CONFIG_FILE
     if not p.exists(): raise FileNotFoundError(f"{p} not found: not an alignlora adapter directory (a PEFT adapter? use import_peft)")
-    meta = json.loads(p.read_text())
-    if meta.get("format") != FORMAT: raise ValueError(f"{p}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try: meta = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not valid JSON ({e}): the adapter folder is damaged; save or train it again.") from None
+    if meta.get("format") != FORMAT:
+        peft = "peft_type" in meta or (Path(adapter_dir) / PEFT_WEIGHTS).exists()
+        raise ValueError(f"{p}: format {meta.get('format')!r}, expected {FORMAT!r}"
+                         + ("; this is a PEFT adapter: load it with import_peft(model, adapter_dir)." if peft else "."))
     return AdapterConfig(**meta["config"])
 
 @torch.no_grad()
@@ -334,13 +355,23 @@ def load_adapters(model: nn.Module, adapter_dir) -> nn.Module:
         raise ValueError(f"the model's adapters ({_model_config(model)}) differ from the saved ones ({cfg}); "
                          "load into a fresh base model instead")
     if any(l.merged for l in adapter_layers(model)): raise ValueError("unmerge_adapters(model) before loading")
-    sd = load_file(str(Path(adapter_dir) / ADAPTER_FILE))
+    wf = Path(adapter_dir) / ADAPTER_FILE
+    try: sd = load_file(str(wf))
+    except Exception as e:   # safetensors raises its own error type, naming no file
+        raise ValueError(f"{wf} cannot be read ({type(e).__name__}: {e}): the file is truncated or damaged; "
+                         "save or train the adapters again.") from None
     layers = adapter_layers(model)
     need = {f"{l.path}.{k}" for l in layers for k in ("lora_A", "lora_B") + (("router",) if l.router is not None else ())}
     known = need | {f"{l.path}.{k}" for l in layers for k in ("offset_A", "offset_B")}
     missing, unexpected = sorted(need - sd.keys()), sorted(sd.keys() - known)
     if missing or unexpected:
         raise ValueError(f"adapter tensors do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for l in layers:
+        for k, have in (("lora_A", l.lora_A), ("lora_B", l.lora_B)) + ((("router", l.router.weight),) if l.router is not None else ()):
+            if tuple(sd[f"{l.path}.{k}"].shape) != tuple(have.shape):
+                raise ValueError(f"adapter tensor {l.path}.{k} in {wf} has shape {tuple(sd[f'{l.path}.{k}'].shape)}, but "
+                                 f"this model's {l.path}.{k} is {tuple(have.shape)}: these adapters belong to another "
+                                 "model or adapter config.")
     for l in adapter_layers(model):
         dev = l.lora_A.device
         l.lora_A.copy_(sd[f"{l.path}.lora_A"]); l.lora_B.copy_(sd[f"{l.path}.lora_B"])

@@ -14,18 +14,24 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import check_int, nearest
+
 # %% auto #0
 __all__ = ['LETTERS', 'ENTAIL', 'BBH_SUBTASKS', 'BBH_TASKS', 'BBH_LABELS', 'BBH_NUMBER', 'BBH_FREE', 'BBH_PREFIX', 'TASKS',
            'PAPER_TASKS', 'EIGHT_TASKS', 'data_dir', 'DataError', 'build_qnli', 'build_rte', 'build_piqa',
            'build_winogrande', 'build_arc', 'build_openbookqa', 'build_gsm8k', 'bbh_kind', 'bbh_prompt', 'bbh_shots',
-           'Task', 'get_task', 'example_id', 'content_key', 'load_task', 'extract_answer', 'score', 'encode',
-           'encode_many', 'collate', 'BalancedSampler', 'MultiTaskData', 'assert_no_leakage']
+           'Task', 'get_task', 'example_id', 'content_key', 'load_task', 'task_files', 'extract_answer', 'score',
+           'encode', 'encode_many', 'collate', 'BalancedSampler', 'MultiTaskData', 'assert_no_leakage']
 
 # %% ../nbs/01_data.ipynb #e2fa92da
 def data_dir(data_dir: str | Path | None = None, # explicit folder; wins over the environment
             ) -> Path | None:
     "The offline data folder: the argument, else `$ALIGNLORA_DATA`, else None (meaning: read the hub)."
-    d = data_dir or os.environ.get("ALIGNLORA_DATA") or None
+    env = os.environ.get("ALIGNLORA_DATA")
+    if not data_dir and env is not None and not env.strip():   # an empty variable is a mistake, not a request for the hub
+        raise ValueError("ALIGNLORA_DATA is set but empty: point it at the offline benchmark folder "
+                         "(e.g. ALIGNLORA_DATA=../shared/data), or unset it (`unset ALIGNLORA_DATA`) to read the hub.")
+    d = data_dir or env or None
     if d is None: return None
     d = Path(d).expanduser()
     if not d.is_dir():
@@ -266,7 +272,7 @@ def get_task(name: str | Task) -> Task:
     "The registered `Task` called `name`; an unknown name lists the known ones."
     if isinstance(name, Task): return name
     if name not in TASKS:
-        raise KeyError(f"Unknown task {name!r}. Known: {', '.join(n for n in TASKS if not n.startswith('bbh/'))}, "
+        raise KeyError(f"Unknown task {name!r}.{nearest(name, TASKS)} Known: {', '.join(n for n in TASKS if not n.startswith('bbh/'))}, "
                        f"and bbh/<subtask> for subtask in: {', '.join(BBH_SUBTASKS)}.")
     return TASKS[name]
 
@@ -281,8 +287,12 @@ def _resolve_split(task: Task, split: str) -> str:
 @lru_cache(maxsize=64)
 def _read_jsonl(path: str, mtime: float) -> tuple:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try: line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {i}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                                "re-save the file as UTF-8.") from None
             if not line.strip(): continue
             try: r = json.loads(line)
             except json.JSONDecodeError as e: raise DataError(f"{path}, line {i}: not valid JSON ({e.msg}).") from None
@@ -351,6 +361,7 @@ def load_task(name: str,                      # registry name, e.g. 'qnli' or 'b
              ) -> list[dict]:
     "Examples of one split of a task: dicts with task, prompt, target, answer, choices, id and the raw row."
     task = get_task(name)
+    check_int("n", n, minimum=1, none_ok=True, note="None keeps every row.")
     real = _resolve_split(task, split)
     ddir = _find_data_dir(data_dir)
     exs = _build_examples(task, real, ddir)
@@ -366,6 +377,22 @@ def load_task(name: str,                      # registry name, e.g. 'qnli' or 'b
         keep = sorted(np.random.default_rng(seed).permutation(len(exs))[:n].tolist())
         exs = [exs[i] for i in keep]
     return exs
+
+# %% ../nbs/01_data.ipynb #fcb99b0b
+def task_files(name: str,                      # registry name
+               split: str = "train",           # 'train', 'eval' or a real split name
+               data_dir: str | Path | None = None, # offline folder (default `$ALIGNLORA_DATA`); None and no variable: hub
+               dedupe: bool = True,            # include the eval splits a train split is de-duplicated against
+              ) -> list[Path]:
+    "The data files `load_task(name, split, data_dir=data_dir, dedupe=dedupe)` reads ([] when reading the hub)."
+    task, ddir = get_task(name), _find_data_dir(data_dir)
+    if ddir is None: return []
+    real = _resolve_split(task, split)
+    files = [f for p in task.parts for f in task_files(p, real, ddir, dedupe=False)] if task.parts else \
+            [ddir / task.local_dir / f"{real}.jsonl"]
+    if dedupe and real == task.train_split and real != task.eval_split:
+        files += [f for t in task.dedupe_against for f in task_files(t, "eval", ddir, dedupe=False)]
+    return sorted(set(files))
 
 # %% ../nbs/01_data.ipynb #cc207c94
 def _after_answer(text: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from . import data as D
+from .errors import check_int, nearest
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'STOCK_YAML', 'process_generation', 'tasks_dir', 'stock_yaml', 'expand_tasks', 'lm_task_name',
@@ -58,7 +59,7 @@ def expand_tasks(tasks) -> list[str]:
         if t == "bbh": out += list(D.BBH_TASKS)
         elif t == "paper": out += list(D.PAPER_TASKS)
         elif t in D.TASKS: out.append(t)
-        else: raise KeyError(f"Unknown task {t!r}. Known: {sorted(k for k in D.TASKS if not k.startswith('bbh/'))}, 'bbh', 'bbh/<subtask>', 'paper'.")
+        else: raise KeyError(f"Unknown task {t!r}.{nearest(t, [*D.TASKS, 'bbh', 'paper'])} Known: {sorted(k for k in D.TASKS if not k.startswith('bbh/'))}, 'bbh', 'bbh/<subtask>', 'paper'.")
     return list(dict.fromkeys(out))
 
 def lm_task_name(name: str, protocol: str) -> str:
@@ -200,8 +201,15 @@ def evaluate(model,                        # an in-memory transformers causal LM
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     if protocol not in PROTOCOLS: raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+    check_int("limit", limit, minimum=1, none_ok=True, note="None evaluates every row.")
+    check_int("batch_size", batch_size)
+    check_int("max_new_tokens", max_new_tokens, none_ok=True)
     names = expand_tasks(tasks)
+    if not names: raise ValueError("tasks is empty: give at least one task to evaluate, e.g. tasks=['piqa'].")
     rows = {n: D.load_task(n, "eval", n=limit, seed=seed, data_dir=data_dir) for n in names}
+    empty = [n for n in names if not rows[n]]
+    if empty: raise ValueError(f"no evaluation rows for {empty}: their eval split is empty in the data folder "
+                               f"({D.data_dir(data_dir) or 'hub'}); check the files, or leave these tasks out.")
     if protocol == "loglik":
         bad = [n for n in names if not rows[n] or not all(ex.get("choices") for ex in rows[n])]
         if bad: raise ValueError(f"protocol 'loglik' needs answer choices; {bad} have free-form answers: "

@@ -4,8 +4,9 @@
 
 # %% ../nbs/06_experiments.ipynb #51c49071
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, platform, shutil, subprocess, sys, tempfile, time, traceback
+import dataclasses, hashlib, json, math, os, platform, shutil, subprocess, sys, tempfile, threading, time, traceback, uuid, warnings
 from dataclasses import dataclass, field, asdict, replace
+from functools import lru_cache
 from itertools import product
 from pathlib import Path
 from typing import Any, Iterable
@@ -14,11 +15,13 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['PROFILES', 'CALLS', 'atomic_write', 'atomic_json', 'Profile', 'get_profile', 'RunSpec', 'EvalSpec', 'make_spec',
-           'make_eval', 'grid', 'seed_interval', 'paired_bootstrap', 'fmt_pm', 'verdict', 'hardware',
-           'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status',
-           'load_run', 'run', 'run_grid', 'collect', 'per_example', 'claim_row', 'write_claims', 'project_root',
-           'paper_notebooks', 'reproduce', 'reproduce_cli', 'write_index']
+__all__ = ['PROFILES', 'DTYPE_ALIASES', 'DTYPES', 'CALLS', 'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'atomic_write',
+           'atomic_json', 'Profile', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec', 'RunSpec',
+           'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'paired_bootstrap', 'fmt_pm', 'verdict',
+           'hardware', 'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure', 'runs_dir',
+           'run_status', 'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'run', 'run_grid',
+           'collect', 'per_example', 'claim_row', 'write_claims', 'project_root', 'paper_notebooks', 'reproduce',
+           'reproduce_cli', 'write_index']
 
 # %% ../nbs/06_experiments.ipynb #40fe7225
 def atomic_write(path: str | Path,     # target file
@@ -87,6 +90,71 @@ def get_profile(name: str | Profile) -> Profile:
     if name not in PROFILES: raise KeyError(f"Unknown profile {name!r}; known: {', '.join(PROFILES)}")
     return PROFILES[name]
 
+# %% ../nbs/06_experiments.ipynb #c7d87b30
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+DTYPES = ("float32", "bfloat16", "float16")
+
+@lru_cache(maxsize=16)
+def _linear_layer_names(model: str) -> tuple:
+    "Leaf and full names of the linear layers of a registered model with a shipped config (() otherwise)."
+    from alignlora.models import MODELS, meta_model
+    import torch
+    if model not in MODELS or not MODELS[model].config: return ()
+    return tuple(n for n, m in meta_model(model).named_modules() if isinstance(m, torch.nn.Linear))
+
+def checked_profile(profile) -> "Profile":
+    "`get_profile`, with the nearest known name for a typo."
+    if isinstance(profile, str) and profile not in PROFILES:
+        from alignlora.errors import unknown_name
+        raise unknown_name("profile", profile, PROFILES, "profile")
+    return get_profile(profile)
+
+def check_run_spec(s) -> None:
+    "Raise a clear error for any field of a `RunSpec` that training would misread or fail on late."
+    from alignlora.errors import check_int, check_names, check_number, unknown_name
+    from alignlora.models import check_model_name
+    from alignlora.methods import METHODS, get_method
+    from alignlora.data import TASKS
+    check_model_name(s.model)
+    if s.method != "base" and s.method not in METHODS: raise unknown_name("method", s.method, ["base", *METHODS], "method")
+    check_names("tasks", s.tasks, [n for n, t in TASKS.items() if t.train_split], "training task")
+    check_int("seed", s.seed, minimum=0); check_int("n_train", s.n_train, none_ok=True, note="None trains on every row.")
+    check_int("k", s.k); check_int("grad_accum", s.grad_accum); check_int("max_length", s.max_length, minimum=8)
+    check_int("max_steps", s.max_steps, none_ok=True, note="None trains one epoch.")
+    check_number("lr", s.lr, note="The paper uses 2e-4.")
+    if s.dtype not in DTYPES:
+        raise unknown_name("dtype", s.dtype, DTYPES, "dtype", fix=f"Use {DTYPE_ALIASES[s.dtype]!r}." if s.dtype in DTYPE_ALIASES else "")
+    if not s.target_modules or not all(isinstance(t, str) for t in s.target_modules):
+        raise ValueError(f"target_modules must be a non-empty list of layer names, got {s.target_modules!r}")
+    linears = _linear_layer_names(s.model)
+    for t in s.target_modules if linears else ():
+        if not any(n == t or n.endswith("." + t) for n in linears):
+            raise unknown_name("target_modules", t, sorted({n.rsplit(".", 1)[-1] for n in linears}), f"linear layer of {s.model}")
+    if s.method == "base":
+        if s.overrides: raise ValueError(f"overrides {dict(s.overrides)} do not apply to method 'base' (no adapters, no "
+                                         "training): drop them, or pick a method that has these fields.")
+        return
+    m = get_method(s.method, **dict(s.overrides))   # unknown fields and bad values raise here, naming the field
+    if m.align is not None:
+        from alignlora.train import check_alignment
+        check_alignment(m.align, m.align_lambda, m.adapter, s.k)
+        if len(s.tasks) < 2: raise ValueError(f"tasks={list(s.tasks)}: alignment ({s.method}) needs at least 2 tasks.")
+
+def check_eval_spec(e) -> None:
+    "Raise a clear error for any field of an `EvalSpec` that evaluation would misread or fail on late."
+    from alignlora.errors import check_int, unknown_name
+    from alignlora.eval import PROTOCOLS, expand_tasks
+    if isinstance(e.tasks, str) or not e.tasks:
+        raise ValueError(f"tasks must be a non-empty list of task names, got {e.tasks!r}; e.g. tasks=['piqa'].")
+    expand_tasks(e.tasks)
+    if e.protocol not in PROTOCOLS: raise unknown_name("protocol", e.protocol, PROTOCOLS, "evaluation protocol")
+    check_int("limit", e.limit, none_ok=True, note="None evaluates every row.")
+    check_int("max_new_tokens", e.max_new_tokens, none_ok=True); check_int("batch_size", e.batch_size)
+    for arg, pairs in (("limits", e.limits), ("caps", e.caps)):
+        for t, v in pairs:
+            if t not in e.tasks: raise ValueError(f"{arg} names {t!r}, which is not among tasks {list(e.tasks)}.")
+            check_int(f"{arg}[{t!r}]", v, none_ok=True)
+
 # %% ../nbs/06_experiments.ipynb #0226779a
 def _canon(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
@@ -111,6 +179,7 @@ class RunSpec:
     target_modules: tuple = ("gate_proj", "up_proj", "down_proj")
     dtype: str = "float32"
 
+    def __post_init__(self): check_run_spec(self)
     @property
     def key(self) -> str: return _hash(asdict(self))
     @property
@@ -128,6 +197,7 @@ class EvalSpec:
     max_new_tokens: int | None = None       # generation cap (None: the protocol's default)
     caps: tuple = ()                        # per-task (task, cap) overrides
     batch_size: int = 16
+    def __post_init__(self): check_eval_spec(self)
     @property
     def key(self) -> str: return _hash(asdict(self))
 
@@ -138,14 +208,15 @@ def make_spec(profile: str | Profile,       # profile giving model and training 
               target_modules: Iterable[str] = ("gate_proj", "up_proj", "down_proj"),
               **overrides) -> RunSpec:      # method overrides (e.g. align_lambda=0.1, r=4)
     "A `RunSpec` for `method` on `tasks` at `profile`'s scale."
-    p = get_profile(profile)
-    return RunSpec(model=p.model, method=method, tasks=tuple(tasks), seed=seed, overrides=tuple(sorted(overrides.items())),
+    p = checked_profile(profile)
+    one = lambda v: (v,) if isinstance(v, str) else tuple(v)   # one name given as a string is a list of one
+    return RunSpec(model=p.model, method=method, tasks=one(tasks), seed=seed, overrides=tuple(sorted(overrides.items())),
                    n_train=p.n_train, k=p.k, max_steps=p.max_steps, grad_accum=p.grad_accum, lr=p.lr,
-                   max_length=p.max_length, target_modules=tuple(target_modules), dtype=p.dtype)
+                   max_length=p.max_length, target_modules=one(target_modules), dtype=p.dtype)
 
 def make_eval(profile: str | Profile, tasks: Iterable[str], protocol: str = "generate", **kw) -> EvalSpec:
     "An `EvalSpec` with `profile`'s row limits (GSM8K and BBH get their own)."
-    p = get_profile(profile); tasks = tuple(tasks)
+    p = checked_profile(profile); tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     limits = tuple((t, p.gsm8k_limit if t == "gsm8k" else p.bbh_limit) for t in tasks
                    if (t == "gsm8k" and p.gsm8k_limit) or (t.startswith("bbh") and p.bbh_limit))
     if "max_new_tokens" not in kw:   # per-task caps: GSM8K writes a rationale, labels are a few tokens, BBH its own
@@ -283,29 +354,150 @@ def runs_dir(runs_dir=None) -> Path:
     "The run cache folder: argument, else `$ALIGNLORA_RUNS`, else `runs/`."
     return Path(runs_dir or os.environ.get("ALIGNLORA_RUNS") or "runs")
 
+RECORD_FORMAT = 2   # completion records that cover every file a table reads and the data read
+
 def _files_hash(d: Path) -> str:
+    "sha256 over the names and bytes of every file under `d` (checkpoints excluded: they are deleted at the end)."
     h = hashlib.sha256()
-    for f in sorted(p for p in d.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json") and "checkpoint" not in str(p.relative_to(d))):
+    for f in sorted(p for p in d.rglob("*") if p.is_file() and "checkpoint" not in str(p.relative_to(d))):
         h.update(str(f.relative_to(d)).encode()); h.update(f.read_bytes())
     return h.hexdigest()
 
-def run_status(spec: RunSpec, runs_dir_=None) -> str:
-    "'trained', 'partial' (started, not finished), 'corrupt' or 'missing'."
+def _read_record(path: Path) -> dict | None:
+    "A completion record, or None when it is missing; {} when it is unreadable (judged corrupt)."
+    try: rec = json.loads(path.read_text())
+    except FileNotFoundError: return None
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError): return {}
+    return rec if isinstance(rec, dict) else {}
+
+def run_status(spec: RunSpec, runs_dir_=None,
+               data_sha256: str | None = None) -> str:   # the hash of the data it should have read; None: not checked
+    "'trained', 'partial' (started, not finished), 'corrupt' (files do not match), 'stale' (other data) or 'missing'."
     d = runs_dir(runs_dir_) / spec.key
     if spec.method == "base": return "trained"
     if not d.exists(): return "missing"
-    m = d / "TRAINED"
-    if not m.exists(): return "partial"
-    try: rec = json.loads(m.read_text())
-    except (json.JSONDecodeError, OSError): return "corrupt"
-    return "trained" if (d / "train").is_dir() and rec.get("files_sha256") == _files_hash(d / "train") else "corrupt"
+    rec = _read_record(d / "TRAINED")
+    if rec is None: return "partial"
+    if rec.get("format") != RECORD_FORMAT or not (d / "train").is_dir() or rec.get("files_sha256") != _files_hash(d / "train"):
+        return "corrupt"
+    return "stale" if data_sha256 is not None and rec.get("data_sha256") != data_sha256 else "trained"
+
+# %% ../nbs/06_experiments.ipynb #7a15c06d
+_FILE_HASHES: dict = {}   # (path, size, mtime_ns) → sha256 of the file's content
+
+def _file_sha256(f: Path) -> str:
+    st = f.stat(); k = (str(f), st.st_size, st.st_mtime_ns)
+    if k not in _FILE_HASHES: _FILE_HASHES[k] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return _FILE_HASHES[k]
+
+def data_sha256(tasks: Iterable[str],       # task names
+                split: str = "train",       # 'train' (what training reads) or 'eval'
+                data_dir=None) -> str:      # offline folder (default $ALIGNLORA_DATA); none: 'hub'
+    "sha256 (16 hex) of the data files that reading `tasks`' `split` touches; 'hub' without a data folder."
+    from alignlora.data import task_files, data_dir as find_data
+    root = find_data(data_dir)
+    if root is None: return "hub"
+    files = sorted({f for t in tasks for f in task_files(t, split, root)})
+    h = hashlib.sha256()
+    for f in files:
+        if not f.exists(): raise FileNotFoundError(f"{f} not found: the data folder {root} lacks a file that {split} data "
+                                                   f"of {list(tasks)} needs; fix ALIGNLORA_DATA / data_dir.")
+        h.update(str(f.relative_to(root)).encode()); h.update(_file_sha256(f).encode())
+    return h.hexdigest()[:16]
+
+# %% ../nbs/06_experiments.ipynb #192094c0
+LOCK_HEARTBEAT_S = 10.0   # how often a holder rewrites its lock file
+LOCK_STALE_S = 120.0      # a lock untouched this long is stale (above NFS attribute caching, ≤ 60 s by default)
+
+class InProgressElsewhere(TimeoutError):
+    "Another live process holds the claim on this run or evaluation."
+
+def _pid_alive(pid) -> bool:
+    try: os.kill(int(pid), 0); return True
+    except (ProcessLookupError, ValueError, TypeError): return False
+    except PermissionError: return True
+
+def _lock_info(path: Path) -> tuple[bytes, dict, float] | None:
+    "(raw bytes, parsed record or {}, age in s) of a lock file; None when there is none."
+    try: raw, age = path.read_bytes(), time.time() - path.stat().st_mtime
+    except FileNotFoundError: return None
+    try: rec = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError): rec = {}   # being written: judged by its age alone
+    return raw, rec if isinstance(rec, dict) else {}, age
+
+def _is_stale(rec: dict, age: float, stale_s: float) -> bool:
+    return age > stale_s or (rec.get("host") == platform.node() and not _pid_alive(rec.get("pid")))
+
+def _break_stale(path: Path, raw: bytes):
+    "Remove a stale lock, unless someone else broke it first or its owner refreshed it meanwhile."
+    grave = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
+    try: os.rename(path, grave)
+    except FileNotFoundError: return           # another process broke it first
+    if grave.read_bytes() != raw:             # refreshed (or re-created) after we judged it: put it back
+        try: os.link(grave, path)
+        except FileExistsError: pass
+    grave.unlink(missing_ok=True)
+
+# %% ../nbs/06_experiments.ipynb #bfe3f0b9
+class Claim:
+    "Exclusive claim on a piece of work, held through a lock file with a heartbeat (a context manager)."
+    def __init__(self, path: str | Path, what: str, wait_s: float | None = None,
+                 stale_s: float | None = None, heartbeat_s: float | None = None, log=print):
+        self.path, self.what, self.wait_s, self.log = Path(path), what, wait_s, log
+        self.stale_s = LOCK_STALE_S if stale_s is None else stale_s
+        self.heartbeat_s = LOCK_HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+        self.token, self._stop = uuid.uuid4().hex, threading.Event()
+
+    def _record(self, started) -> bytes:
+        return json.dumps(dict(owner=self.token, host=platform.node(), pid=os.getpid(), started=started,
+                               heartbeat=time.time(), what=self.what)).encode()
+
+    def acquire(self):
+        t0, told = time.time(), False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try: fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = _lock_info(self.path)
+                if info is None: continue
+                raw, rec, age = info
+                if _is_stale(rec, age, self.stale_s):
+                    self.log(f"{self.what}: breaking a stale lock ({rec.get('host')}, pid {rec.get('pid')}, "
+                             f"untouched for {age:.0f} s)"); _break_stale(self.path, raw); continue
+                holder = f"{rec.get('host', '?')} pid {rec.get('pid', '?')}, heartbeat {age:.0f} s ago"
+                if self.wait_s is not None and time.time() - t0 >= self.wait_s:
+                    raise InProgressElsewhere(f"{self.what} is in progress elsewhere ({holder}; lock {self.path}); "
+                                              "rerun later to use its result, or wait longer (wait_s=None waits while "
+                                              "the holder is alive).")
+                if not told: self.log(f"{self.what}: in progress elsewhere ({holder}); waiting"); told = True
+                time.sleep(min(1.0, max(0.05, self.heartbeat_s / 4))); continue
+            self.started = time.time()
+            with os.fdopen(fd, "wb") as f: f.write(self._record(self.started)); f.flush(); os.fsync(f.fileno())
+            threading.Thread(target=self._beat, daemon=True).start()
+            return self
+
+    def _beat(self):
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if json.loads(self.path.read_bytes()).get("owner") != self.token: break   # lost: never touch another's
+                with open(self.path, "r+b") as f: f.write(self._record(self.started)); f.truncate()
+            except (OSError, ValueError): pass   # a missed beat only ages the lock; the next one retries
+
+    def release(self):
+        self._stop.set()
+        try:
+            if json.loads(self.path.read_bytes()).get("owner") == self.token: self.path.unlink()
+        except (OSError, ValueError): pass
+
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
 
 # %% ../nbs/06_experiments.ipynb #b1ed7d07
 def _dtype(name):
     import torch
     return getattr(torch, name)
 
-def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True):
+def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True, data_hash: str = "hub"):
     from alignlora.train import train
     from alignlora.methods import get_method
     CALLS["train"] += 1
@@ -316,7 +508,8 @@ def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True):
                 target_modules=spec.target_modules, dtype=_dtype(spec.dtype), device=device,
                 learning_rate=spec.lr, max_steps=spec.max_steps if spec.max_steps else -1,
                 gradient_accumulation_steps=spec.grad_accum, disable_tqdm=quiet)
-    atomic_json(d / "TRAINED", {"files_sha256": _files_hash(d / "train"), "finished": time.time()})
+    atomic_json(d / "TRAINED", {"format": RECORD_FORMAT, "files_sha256": _files_hash(d / "train"),
+                                "data_sha256": data_hash, "finished": time.time()})
     return res.model, res.tokenizer
 
 def load_run(spec: RunSpec, runs_dir_=None, device="cpu"):
@@ -332,42 +525,89 @@ def load_run(spec: RunSpec, runs_dir_=None, device="cpu"):
         load_adapters(model, runs_dir(runs_dir_) / spec.key / "train" / "adapters")
     return model.eval(), tok
 
+# %% ../nbs/06_experiments.ipynb #2d3acb15
+def eval_status(f: Path,                      # runs/<key>/eval/<ekey>.json
+                data_sha256: str | None = None) -> str:  # the data hash it should have read; None: not checked
+    "'done', 'missing', 'partial' (no completion record), 'corrupt' or 'stale' (other data)."
+    if not f.exists(): return "missing"
+    rec = _read_record(f.with_suffix(".done"))
+    if rec is None: return "partial"
+    if rec.get("format") != RECORD_FORMAT or rec.get("sha256") != hashlib.sha256(f.read_bytes()).hexdigest(): return "corrupt"
+    return "stale" if data_sha256 is not None and rec.get("data_sha256") != data_sha256 else "done"
+
+def _move_aside(p: Path, why: str, msg: str) -> Path:
+    bad = p.with_name(f"{p.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
+    os.replace(p, bad); print(f"{msg}; moved to {bad.name}, computing it again")
+    return bad
+
+def _served_eval(f: Path, data_hash: str, fix: bool = False) -> dict | None:
+    "The cached evaluation in `f` if it may be served; with `fix`, a corrupt or stale one is moved aside."
+    st = eval_status(f, data_hash)
+    if st == "done": return json.loads(f.read_text())
+    if fix and st in ("corrupt", "stale"):
+        _move_aside(f, st, f"{f}: " + ("does not match its .done record" if st == "corrupt" else "was computed on other data"))
+    return None
+
+def _write_spec(d: Path, spec: RunSpec):
+    want = json.loads(json.dumps(dict(asdict(spec), key=spec.key, label=spec.label), default=str))
+    if _read_record(d / "spec.json") != want: atomic_json(d / "spec.json", want)
+
+def _evaluate(model, tok, e: EvalSpec, data_dir) -> dict:
+    from alignlora.eval import evaluate
+    CALLS["evaluate"] += 1
+    t0, limits, caps, res = time.time(), dict(e.limits), dict(e.caps), {}
+    groups: dict = {}   # tasks with their own row limit or generation cap (GSM8K, BBH) are evaluated in their own call
+    for t in e.tasks: groups.setdefault((limits.get(t, e.limit), caps.get(t, e.max_new_tokens)), []).append(t)
+    for (lim, cap), ts in groups.items():
+        res.update(evaluate(model, tok, ts, protocol=e.protocol, limit=lim, batch_size=e.batch_size,
+                            data_dir=data_dir, max_new_tokens=cap, progress=False))
+    return dict(eval=asdict(e), key=e.key, results=res, wall_s=time.time() - t0)
+
+# %% ../nbs/06_experiments.ipynb #fad04e43
 def run(spec: RunSpec,                       # what to train
         evals: Iterable[EvalSpec] = (),      # what to evaluate it on
         runs_dir_: str | Path | None = None, # run cache folder (default $ALIGNLORA_RUNS or runs/)
         data_dir: str | Path | None = None,  # offline data folder (default $ALIGNLORA_DATA, else hub)
-        device: str = "cpu") -> dict:
+        device: str = "cpu",
+        wait_s: float | None = None) -> dict:  # how long to wait for another process's claim (None: while it lives)
     "Train (unless cached) and evaluate (unless cached); returns {'spec', 'dir', 'evals': {ekey: result}}."
-    d = runs_dir(runs_dir_) / spec.key; d.mkdir(parents=True, exist_ok=True)
-    atomic_json(d / "spec.json", dict(asdict(spec), key=spec.key, label=spec.label))
-    st = run_status(spec, runs_dir_)
-    if st == "corrupt":
-        bad = d.with_name(f"{spec.key}.corrupt-{int(time.time())}"); os.replace(d, bad)
-        print(f"run {spec.key}: files do not match their TRAINED record; moved to {bad.name}, training again")
-        d.mkdir(parents=True); atomic_json(d / "spec.json", dict(asdict(spec), key=spec.key, label=spec.label))
-    model = tok = None
-    if spec.method != "base" and run_status(spec, runs_dir_) != "trained":
-        model, tok = _train_run(spec, d, data_dir, device)
-    out = {"spec": spec, "dir": d, "evals": {}}
+    from alignlora.errors import disk_full_guard
+    from alignlora.eval import expand_tasks
+    evals = list(evals)
     for e in evals:
-        f = d / "eval" / f"{e.key}.json"
-        if f.exists():
-            try: out["evals"][e.key] = json.loads(f.read_text()); continue
-            except json.JSONDecodeError: print(f"run {spec.key}: unreadable {f.name}, evaluating again")
-        if model is None: model, tok = load_run(spec, runs_dir_, device)
-        from alignlora.eval import evaluate
-        CALLS["evaluate"] += 1
-        t0 = time.time()
-        limits, caps = dict(e.limits), dict(e.caps)
-        res = {}
-        # tasks with their own row limit or generation cap (GSM8K, BBH) are evaluated in their own call
-        groups: dict = {}
-        for t in e.tasks: groups.setdefault((limits.get(t, e.limit), caps.get(t, e.max_new_tokens)), []).append(t)
-        for (lim, cap), ts in groups.items():
-            res.update(evaluate(model, tok, ts, protocol=e.protocol, limit=lim, batch_size=e.batch_size,
-                                data_dir=data_dir, max_new_tokens=cap, progress=False))
-        rec = dict(eval=asdict(e), key=e.key, results=res, wall_s=time.time() - t0)
-        atomic_json(f, rec); out["evals"][e.key] = rec
+        if not isinstance(e, EvalSpec): raise TypeError(f"evals must be EvalSpec objects (make_eval(...)), got {e!r}")
+    d = runs_dir(runs_dir_) / spec.key
+    model = tok = None
+    with disk_full_guard(d, after="finished runs and evaluations are untouched; rerun to continue "
+                                  "(training resumes from its last good checkpoint)"):
+        if spec.method != "base":
+            train_data = data_sha256(spec.tasks, "train", data_dir)
+            if run_status(spec, runs_dir_, train_data) != "trained":
+                with Claim(d.with_name(d.name + ".lock"), f"run {spec.key} ({spec.label})", wait_s=wait_s):
+                    st = run_status(spec, runs_dir_, train_data)   # whoever we waited for may have finished it
+                    if st in ("corrupt", "stale"):
+                        _move_aside(d, st, f"run {spec.key}: " + ("files do not match their TRAINED record" if st == "corrupt"
+                                                                  else "trained on other data than the data folder holds now"))
+                    if st != "trained":
+                        d.mkdir(parents=True, exist_ok=True); _write_spec(d, spec)
+                        model, tok = _train_run(spec, d, data_dir, device, data_hash=train_data)
+        out = {"spec": spec, "dir": d, "evals": {}}
+        for e in evals:
+            f, edata = d / "eval" / f"{e.key}.json", data_sha256(expand_tasks(e.tasks), "eval", data_dir)
+            rec = _served_eval(f, edata)
+            if rec is None:
+                with Claim(f.with_suffix(".lock"), f"evaluation {e.key} of run {spec.key} ({spec.label})", wait_s=wait_s):
+                    rec = _served_eval(f, edata, fix=True)
+                    if rec is None:
+                        if model is None: model, tok = load_run(spec, runs_dir_, device)
+                        rec = _evaluate(model, tok, e, data_dir)
+                        d.mkdir(parents=True, exist_ok=True); _write_spec(d, spec)
+                        body = json.dumps(rec, indent=1, sort_keys=True, default=str) + "\n"
+                        atomic_write(f, body)   # then its record, last: a kill in between leaves 'partial', redone
+                        atomic_json(f.with_suffix(".done"), dict(format=RECORD_FORMAT, data_sha256=edata, finished=time.time(),
+                                                                 sha256=hashlib.sha256(body.encode()).hexdigest()))
+                        rec = json.loads(body)
+            out["evals"][e.key] = rec
     return out
 
 # %% ../nbs/06_experiments.ipynb #68f29c74
@@ -382,7 +622,8 @@ def _tidy(spec: RunSpec, ekey: str, rec: dict) -> list[dict]:
     return rows
 
 def run_grid(specs: Iterable[RunSpec], evals: Iterable[EvalSpec] = (), runs_dir_=None, data_dir=None,
-             device: str = "cpu", progress: bool = True) -> pd.DataFrame:
+             device: str = "cpu", progress: bool = True,
+             wait_s: float | None = None) -> pd.DataFrame:  # a number: skip (and report) runs busy elsewhere that long
     "Run every spec (cached ones cost nothing) and return the tidy results frame."
     from tqdm.auto import tqdm
     specs, evals = list(specs), list(evals)
@@ -390,24 +631,32 @@ def run_grid(specs: Iterable[RunSpec], evals: Iterable[EvalSpec] = (), runs_dir_
     bar = tqdm(specs, desc="runs", disable=not progress)
     for s in bar:
         bar.set_postfix_str(s.label)
-        r = run(s, evals, runs_dir_, data_dir, device)
+        try: r = run(s, evals, runs_dir_, data_dir, device, wait_s=wait_s)
+        except InProgressElsewhere as e: print(f"skipped: {e}"); continue
         for ekey, rec in r["evals"].items(): rows += _tidy(s, ekey, rec)
     return pd.DataFrame(rows)
 
 def collect(runs_dir_=None) -> pd.DataFrame:
-    "The tidy frame of every evaluation found in the run cache (finished runs only)."
+    "The tidy frame of every finished evaluation of every finished run in the cache; what cannot be read is reported and skipped."
     rows = []
     for d in sorted(runs_dir(runs_dir_).glob("*/spec.json")):
-        raw = json.loads(d.read_text()); raw.pop("key", None); raw.pop("label", None)
-        spec = RunSpec(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v for k, v in raw.items()})
+        try:
+            raw = json.loads(d.read_text()); raw.pop("key", None); raw.pop("label", None)
+            spec = RunSpec(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v for k, v in raw.items()})
+        except Exception as e:   # any unreadable folder: one bad spec.json must not hide the rest of the cache
+            warnings.warn(f"collect: skipped {d.parent}: its spec.json cannot be read ({type(e).__name__}: {e})"); continue
         if run_status(spec, runs_dir_) != "trained": continue
         for f in sorted((d.parent / "eval").glob("*.json")):
+            st = eval_status(f)
+            if st != "done": warnings.warn(f"collect: skipped {f}: {st} (not matching a completion record)"); continue
             rec = json.loads(f.read_text()); rows += _tidy(spec, rec["key"], rec)
     return pd.DataFrame(rows)
 
 def per_example(runs_dir_, spec: RunSpec, ekey: str, task: str) -> dict:
     "{example id: correct} of one task in one cached evaluation (for paired statistics)."
-    rec = json.loads((runs_dir(runs_dir_) / spec.key / "eval" / f"{ekey}.json").read_text())
+    f = runs_dir(runs_dir_) / spec.key / "eval" / f"{ekey}.json"
+    if (st := eval_status(f)) != "done": raise FileNotFoundError(f"{f} is {st}; run(spec, evals) computes it again")
+    rec = json.loads(f.read_text())
     return {i: float(c) for i, c in rec["results"][task]["per_example"]}
 
 # %% ../nbs/06_experiments.ipynb #3c7693fe

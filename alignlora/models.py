@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .errors import nearest, unknown_name
+
 # %% auto #0
-__all__ = ['TINY_CONFIG', 'MODELS', 'cache_dir', 'smollm2_gguf', 'hub_offline', 'ModelEntry', 'model_config', 'meta_model',
-           'smollm2_dir', 'load_model']
+__all__ = ['TINY_CONFIG', 'MODELS', 'cache_dir', 'smollm2_gguf', 'hub_offline', 'ModelEntry', 'check_model_name', 'model_config',
+           'meta_model', 'smollm2_dir', 'load_model']
 
 # %% ../nbs/00_models.ipynb #58f4b749
 def cache_dir() -> Path:
@@ -72,6 +74,15 @@ MODELS: dict[str, ModelEntry] = {e.name: e for e in [
 ]}
 
 # %% ../nbs/00_models.ipynb #7a3412e1
+def check_model_name(name) -> str:
+    "`name` as a string; a bare name (no '/') that is neither registered nor a folder but close to a registered one is a typo."
+    if not isinstance(name, (str, Path)): raise TypeError(f"model must be a registry name, a folder or a hub id, got {name!r}")
+    name = str(name)
+    if name in MODELS or "/" in name or Path(name).expanduser().exists(): return name
+    if nearest(name, MODELS):
+        raise unknown_name("model", name, MODELS, "model", fix="A hub id is written 'organisation/name'; a folder must exist.")
+    return name
+
 def _entry(name: str) -> ModelEntry:
     if name not in MODELS: raise KeyError(f"Unknown model {name!r}. Known: {', '.join(MODELS)} (or pass a local folder / hub id).")
     return MODELS[name]
@@ -151,7 +162,8 @@ def load_model(name_or_path: str = "smollm2-135m", # registry name, local folder
                seed: int = 0,                       # init seed of the `tiny` model
                **kw):                               # passed to `from_pretrained`
     "Load `(model, tokenizer)` by registry name, local folder or hub id; never hangs on the network."
-    name = str(name_or_path)
+    name = check_model_name(name_or_path)
+    if not isinstance(dtype, torch.dtype): raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     if name in MODELS:
         e = MODELS[name]
         if e.licence: warnings.warn(f"{name}: {e.licence}")

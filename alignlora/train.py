@@ -21,9 +21,10 @@ from .methods import get_method
 from .align import align_loss, align_groups, check_align_samples, check_align_groups, _compute_dtype
 
 # %% auto #0
-__all__ = ['IGNORE', 'SEGMENT_ATTENTION', 'ALIGN_MASKS', 'PAPER_TRAINING', 'shift_labels', 'pad_collate', 'pack_collate',
-           'unpack', 'segment_sdpa', 'segment_attention', 'BalancedBatches', 'alignment_mask', 'check_alignment',
-           'AlignTrainer', 'TrainResult', 'train', 'batch_align_loss']
+__all__ = ['IGNORE', 'SEGMENT_ATTENTION', 'ALIGN_MASKS', 'PAPER_TRAINING', 'RUN_FOLDER_FILES', 'shift_labels', 'pad_collate',
+           'pack_collate', 'unpack', 'segment_sdpa', 'segment_attention', 'BalancedBatches', 'alignment_mask',
+           'check_alignment', 'AlignTrainer', 'TrainResult', 'check_train_args', 'StopOnNonFinite',
+           'last_good_checkpoint', 'train', 'batch_align_loss']
 
 # %% ../nbs/04_train.ipynb #cb47c8c4
 IGNORE = -100  # label of positions that carry no loss
@@ -501,7 +502,7 @@ def _training_args(out: Path, k: int, n_tasks: int, seed: int, device, progress:
     kw = dict(PAPER_TRAINING, output_dir=str(out), per_device_train_batch_size=k * n_tasks, seed=seed,
               logging_steps=1, save_strategy="steps", save_steps=0.1, save_total_limit=1, report_to=[],
               remove_unused_columns=False, disable_tqdm=not progress, dataloader_num_workers=0,
-              use_cpu=str(device) == "cpu")
+              use_cpu=str(device) == "cpu", logging_nan_inf_filter=False)   # a NaN loss is logged as NaN, not hidden
     kw.update(overrides)
     if kw.get("gradient_checkpointing"):
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False, **(kw.get("gradient_checkpointing_kwargs") or {})}
@@ -528,6 +529,80 @@ def _finalise(partial: Path, output_dir: Path, overwrite: bool):
         if old.exists(): shutil.rmtree(old)
         os.replace(output_dir, old); os.replace(partial, output_dir); shutil.rmtree(old)
     else: os.replace(partial, output_dir)
+
+# %% ../nbs/04_train.ipynb #63821b0b
+RUN_FOLDER_FILES = ("adapters", "checkpoints", "config.json", "log.jsonl", "metrics.json")   # what train() writes
+
+def check_train_args(tasks, n_train, k, max_length, seed, dtype, output_dir, training_args: dict) -> list[str]:
+    "Validate `train`'s arguments (see above); returns the task names."
+    from alignlora.data import TASKS
+    from alignlora.errors import check_names, check_int, check_number
+    tasks = list(check_names("tasks", tasks, [n for n, t in TASKS.items() if t.train_split], "training task"))
+    check_int("n_train", n_train, minimum=1, none_ok=True, note="None trains on every row.")
+    check_int("k", k, minimum=1, note="k is the number of rows of every task in each batch.")
+    check_int("max_length", max_length, minimum=8)
+    check_int("seed", seed, minimum=0)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}.")
+    check_number("learning_rate", training_args.get("learning_rate", PAPER_TRAINING["learning_rate"]),
+                 note="The paper uses 2e-4.")
+    if "max_steps" in training_args and training_args["max_steps"] != -1:
+        check_int("max_steps", training_args["max_steps"], minimum=1,
+                  note="transformers reads max_steps ≤ 0 as 'one epoch'; leave max_steps out (or -1) for one epoch.")
+    for a in ("gradient_accumulation_steps", "save_total_limit"):
+        if a in training_args and training_args[a] is not None: check_int(a, training_args[a], minimum=1)
+    if "num_train_epochs" in training_args: check_number("num_train_epochs", training_args["num_train_epochs"])
+    if output_dir is not None and Path(output_dir).exists():
+        out = Path(output_dir)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FOLDER_FILES) if out.is_dir() else [out.name]
+        if foreign:
+            raise FileExistsError(f"output_dir={str(out)!r} holds files train() did not write ({', '.join(foreign[:5])}); "
+                                  "finishing the run would replace the folder and lose them: pass another output_dir "
+                                  "(a new or empty folder) or move those files away.")
+    return tasks
+
+# %% ../nbs/04_train.ipynb #151d8be8
+class StopOnNonFinite(TrainerCallback):
+    "Stop training with an error naming the step at the first non-finite loss, gradient norm or adapter weight."
+    def _fail(self, args, step, what):
+        raise FloatingPointError(f"training diverged at step {step}: {what}. The learning rate is likely too high "
+                                 f"(learning_rate={args.learning_rate:g}; the paper uses 2e-4): lower it (or align_lambda), "
+                                 "keep max_grad_norm on, and rerun. Nothing was saved as a finished run.")
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if model is None: return
+        bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+        if bad: self._fail(args, state.global_step, f"adapter weight {bad} is not finite after the update")
+    def on_log(self, args, state, control, logs=None, **kw):
+        for k in ("loss", "lm_loss", "align_loss", "grad_norm"):
+            v = (logs or {}).get(k)
+            if isinstance(v, (int, float)) and not math.isfinite(v): self._fail(args, state.global_step, f"{k} = {v}")
+
+def _checkpoint_problem(c: Path) -> str | None:
+    "Why checkpoint folder `c` cannot be resumed from, or None when it can."
+    import zipfile
+    from safetensors.torch import load_file
+    try: json.loads((c / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e: return f"trainer_state.json unreadable ({type(e).__name__})"
+    if not (c / "adapters").is_dir(): return "no adapters/"
+    for f in sorted(c.rglob("*")):
+        try:
+            if f.suffix == ".safetensors": load_file(str(f))
+            elif f.suffix in (".pt", ".pth", ".bin") and zipfile.ZipFile(f).testzip() is not None: return f"{f.name} fails its CRC"
+        except Exception as e: return f"{f.name} unreadable ({type(e).__name__})"
+    return None
+
+def last_good_checkpoint(ckpt_dir: str | Path) -> str | None:
+    "The newest checkpoint under `ckpt_dir` that can be resumed from; broken newer ones are deleted with a warning."
+    d = Path(ckpt_dir)
+    steps = sorted((int(c.name.split("-")[1]), c) for c in d.glob("checkpoint-*") if c.is_dir() and c.name.split("-")[1].isdigit()) \
+        if d.is_dir() else []
+    for _, c in reversed(steps):
+        why = _checkpoint_problem(c)
+        if why is None: return str(c)
+        warnings.warn(f"{c} is half-written ({why}: killed or out of disk while saving); deleting it and resuming "
+                      "from the checkpoint before it, or from the start.")
+        shutil.rmtree(c)
+    return None
 
 # %% ../nbs/04_train.ipynb #609d9d76
 def train(model_name: str,                      # `load_model` name / folder (or an already loaded model, with `tokenizer`)
@@ -559,8 +634,7 @@ def train(model_name: str,                      # `load_model` name / folder (or
           callbacks: Sequence[TrainerCallback] = (),  # extra Trainer callbacks
           **training_args) -> TrainResult:      # anything else: `TrainingArguments` (max_steps, gradient_accumulation_steps, ...)
     "Train `method` on the balanced mix of `tasks`; write the run folder atomically; return the trained model and logs."
-    task_names = [tasks] if isinstance(tasks, str) else list(tasks)
-    if len(set(task_names)) != len(task_names): raise ValueError(f"tasks listed twice: {task_names}")
+    task_names = check_train_args(tasks, n_train, k, max_length, seed, dtype, output_dir, training_args)
     m = get_method(method) if isinstance(method, str) else method
     if "per_device_train_batch_size" in training_args:
         bs = training_args.pop("per_device_train_batch_size")
@@ -619,8 +693,7 @@ def train(model_name: str,                      # `load_model` name / folder (or
 
     resume = resume_from_checkpoint
     if resume is None or resume is True:
-        from transformers.trainer_utils import get_last_checkpoint
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+        last = last_good_checkpoint(ckpt_dir)
         if resume is True and last is None: raise FileNotFoundError(f"resume_from_checkpoint=True but no checkpoint in {ckpt_dir}")
         resume = last
     elif resume is False: resume = None
@@ -629,7 +702,7 @@ def train(model_name: str,                      # `load_model` name / folder (or
     trainer = AlignTrainer(model=model, args=args, train_dataset=features, processing_class=tok, task_sizes=sizes,
                            task_names=task_names, align=kind, align_lambda=lam, align_pool=align_pool,
                            align_mask=align_mask, align_groups=groups, pack=pack, pack_max_tokens=pack_max_tokens,
-                           supervised_logits=supervised_logits, callbacks=[logger, *callbacks])
+                           supervised_logits=supervised_logits, callbacks=[logger, StopOnNonFinite(), *callbacks])
     if torch.cuda.is_available() and str(device).startswith("cuda"): torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     out = trainer.train(resume_from_checkpoint=resume)
