@@ -366,9 +366,9 @@ class AlignTrainer(Trainer):
             raise ValueError(f"{e} [rows per task: {dict(zip(self.task_names, counts))}]") from None
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        "The step's micro-batches; with alignment over several of them, the pre-pass (`_step_alignment`) runs here."
+        "The step's micro-batches, kept for the pre-pass when the alignment spans several of them."
         batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.align is not None and len(batches) > 1: self._step_shares = _step_alignment(self, self.model, batches)
+        self._step_batches = batches if self.align is not None and len(batches) > 1 else None
         return batches, n_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -383,6 +383,10 @@ class AlignTrainer(Trainer):
             fwd["logits_to_keep"] = keep[0].nonzero().flatten() if keep.shape[0] == 1 else keep
         unwrapped = self.accelerator.unwrap_model(model)
         aligning = self.align is not None and model.training
+        if aligning and getattr(self, "_step_batches", None):
+            # the pre-pass runs at the step's first micro-batch, not in get_batch_samples: on resume the Trainer restores
+            # the checkpoint's generator state only after fetching the batches, and the masks must be drawn from it
+            self._step_shares, self._step_batches = _step_alignment(self, model, self._step_batches), None
         share = self._step_shares.pop(0) if aligning and self._step_shares else None
         if share is not None: _set_rng_state(share.rng, self.args.device)   # the pre-pass's dropout masks
         cap = capture_features(unwrapped) if aligning else contextlib.nullcontext([])
