@@ -23,8 +23,8 @@ from .align import align_loss, align_groups, check_align_samples, check_align_gr
 # %% auto #0
 __all__ = ['IGNORE', 'SEGMENT_ATTENTION', 'ALIGN_MASKS', 'PAPER_TRAINING', 'RUN_FOLDER_FILES', 'shift_labels', 'pad_collate',
            'pack_collate', 'unpack', 'segment_sdpa', 'segment_attention', 'BalancedBatches', 'alignment_mask',
-           'check_alignment', 'AlignTrainer', 'TrainResult', 'check_train_args', 'StopOnNonFinite',
-           'last_good_checkpoint', 'train', 'batch_align_loss']
+           'check_alignment', 'check_checkpointing', 'pin_single_process', 'AlignTrainer', 'TrainResult',
+           'check_train_args', 'StopOnNonFinite', 'last_good_checkpoint', 'train', 'batch_align_loss']
 
 # %% ../nbs/04_train.ipynb #cb47c8c4
 IGNORE = -100  # label of positions that carry no loss
@@ -216,6 +216,28 @@ def check_alignment(kind: str | None, lam: float, adapter_config=None, k: int | 
     if k is not None and lam > 0: check_align_samples(kind, k * grad_accum)   # the statistics span one optimizer step
     return kind, lam
 
+# %% ../nbs/04_train.ipynb #eb86ba2b
+def check_checkpointing(align: str | None,   # the alignment kind (None: no alignment)
+                        args) -> None:       # `TrainingArguments` or the keyword dict given to `train`
+    "Refuse reentrant gradient checkpointing with alignment: it silently drops the alignment gradient."
+    get = args.get if isinstance(args, dict) else lambda k, v=None: getattr(args, k, v)
+    on = get("gradient_checkpointing", False) or get("activation_checkpointing", False)   # transformers 5 renames
+    kw = get("gradient_checkpointing_kwargs") or get("activation_checkpointing_kwargs") or {}
+    if align is not None and on and kw.get("use_reentrant", False):
+        raise ValueError("gradient_checkpointing_kwargs={'use_reentrant': True} with alignment: reentrant "
+                         "checkpointing recomputes layers outside the graph of the captured features, so the "
+                         "alignment gradient is silently dropped. Use {'use_reentrant': False} (the default).")
+
+def pin_single_process(args: TrainingArguments) -> TrainingArguments:
+    "Without torchrun on a machine with several GPUs, train on the first one instead of `nn.DataParallel`."
+    from transformers.training_args import ParallelMode
+    if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        warnings.warn(f"{args.n_gpu} GPUs visible to one process: nn.DataParallel would split packed micro-batches "
+                      f"and their segment boundaries, so training runs on {args.device} only. To use every GPU, "
+                      "launch with `torchrun --nproc_per_node N`; to choose one, set CUDA_VISIBLE_DEVICES.")
+        args._n_gpu = 1
+    return args
+
 # %% ../nbs/04_train.ipynb #e70a9cf2
 def _rng_state(device: torch.device) -> tuple:
     "The generator states dropout draws from: the CPU's, and the current CUDA device's."
@@ -290,6 +312,8 @@ class AlignTrainer(Trainer):
                  per_sequence_attention: bool = True,      # packed batches: one causal sdpa per sequence (`segment_sdpa`)
                  align_groups: str = "task",               # 'task' (paper) | 'positional' (released trainer)
                  **kwargs):
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None: pin_single_process(targs)
         super().__init__(*args, **kwargs)
         ds = self.train_dataset
         if task_sizes is None and ds is not None:
@@ -309,6 +333,7 @@ class AlignTrainer(Trainer):
         self.align, self.align_lambda = check_alignment(align, align_lambda, adapter_cfg, self.k, pack, align_mask, ga,
                                                         align_groups)
         if self.align_lambda == 0: self.align = None
+        check_checkpointing(self.align, self.args)
         self.align_pool, self.align_mask, self.align_groups = align_pool, align_mask, align_groups
         self.align_samples = self.k * ga                  # per task and optimizer step, on this rank
         self._step_shares: list[_StepShare] = []
@@ -648,6 +673,7 @@ def train(model_name: str,                      # `load_model` name / folder (or
     groups = align_groups or getattr(m, "align_groups", "task")
     kind, lam = check_alignment(kind, lam or 0.0, getattr(m, "adapter", None), k, pack, align_mask, ga, groups)
     if kind is not None and len(task_names) < 2: raise ValueError("alignment needs at least 2 tasks.")
+    check_checkpointing(kind if lam else None, training_args)
 
     # model + adapters (seeded init)
     if isinstance(model_name, str): model, tok = load_model(model_name, dtype=dtype, device=device)

@@ -79,3 +79,83 @@ def test_align_loss_under_bf16_autocast_is_fp32(kind):
     assert abs(val.item() - ref.item()) <= 1e-4 * abs(ref.item()), (val.item(), ref.item())
     for f, r in zip(feats, f64):
         assert torch.allclose(f.grad.double(), r.grad, rtol=1e-3, atol=1e-4 * r.grad.abs().max().item())
+
+
+def test_bf16_loglik_uses_fp32_softmax(monkeypatch):
+    # every log-softmax lm-eval takes over a bf16 model's logits is asked for fp32; the scores equal an fp32 softmax's
+    from alignlora.eval import evaluate
+    model, tok = load_model("tiny", dtype=torch.bfloat16)
+    seen, orig = [], F.log_softmax
+    def spy(x, *a, dtype=None, **kw):
+        seen.append((x.dtype, dtype)); return orig(x, *a, dtype=dtype, **kw)
+    import lm_eval.models.huggingface as H
+    monkeypatch.setattr(H.F, "log_softmax", spy)
+    res = evaluate(model, tok, ["piqa"], protocol="loglik", limit=4, batch_size=4, progress=False)
+    assert seen and all(x == torch.bfloat16 and dt == torch.float32 for x, dt in seen), seen
+    assert res["piqa"]["n"] == 4
+
+
+def _align_grads(reentrant: bool, lam: float):
+    "Adapter gradient of LM + λ·KL on the tiny model under gradient checkpointing."
+    from alignlora.adapters import capture_features
+    from alignlora.align import align_loss
+    model, tok = load_model("tiny"); torch.manual_seed(0); add_adapters(model, "lora")
+    with torch.no_grad():
+        for l in adapter_layers(model): l.lora_B.normal_(0, 0.1)
+    model.train(); model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant: model.enable_input_require_grads()
+    ids = tok([f"Question {i}: is {i} even? Answer: {'yes' if i % 2 == 0 else 'no'}" for i in range(6)],
+              return_tensors="pt", padding=True)
+    with capture_features(model) as feats:
+        out = model(**ids, labels=ids["input_ids"])
+    loss = out.loss + lam * align_loss(feats, torch.tensor([0, 0, 1, 1, 2, 2]), "kl", mask=ids["attention_mask"])
+    loss.backward()
+    return torch.cat([l.lora_A.grad.flatten() for l in adapter_layers(model)])
+
+
+def test_reentrant_checkpointing_drops_alignment_and_is_refused():
+    from alignlora.train import train
+    # reentrant: the alignment term adds nothing to the gradient; non-reentrant: it does
+    assert torch.equal(_align_grads(True, 1.0), _align_grads(True, 0.0))
+    assert not torch.allclose(_align_grads(False, 1.0), _align_grads(False, 0.0))
+    with pytest.raises(ValueError, match="use_reentrant"):
+        train("tiny", "align-lora-kl", ["qnli", "piqa"], n_train=4, k=2, max_steps=1, gradient_checkpointing=True,
+              gradient_checkpointing_kwargs={"use_reentrant": True}, progress=False)
+    r = train("tiny", "lora", ["qnli", "piqa"], n_train=4, k=2, max_steps=1, max_length=64, gradient_checkpointing=True,
+              gradient_checkpointing_kwargs={"use_reentrant": True}, progress=False)   # no alignment: allowed
+    assert r.metrics["global_step"] == 1
+
+
+def test_dataparallel_split_is_avoided(tmp_path):
+    from transformers import TrainingArguments
+    from alignlora.train import AlignTrainer, pack_collate, segment_attention, _task_id
+    from alignlora.data import load_task, encode_many
+    model, tok = load_model("tiny"); add_adapters(model, "lora")
+    feats = [dict(f, task_id=i) for i, t in enumerate(["qnli", "piqa"])
+             for f in encode_many(load_task(t, "train", n=2, seed=0), tok, max_length=64)]
+    b = pack_collate(feats, tok.pad_token_id)
+    # what nn.DataParallel's scatter does to a packed micro-batch on 2 GPUs: every tensor chunked along dim 0
+    replica0 = {k: v.chunk(2)[0] for k, v in b.items()}
+    fwd = dict(input_ids=replica0["input_ids"], attention_mask=replica0["attention_mask"],
+               position_ids=replica0["position_ids"], cu_seq_lens_q=replica0["cu_seq_lens"])
+    with segment_attention(model), pytest.raises(ValueError, match="cu_seq_lens_q must run from 0"):
+        model(**fwd)
+    # the trainer, seeing 2 GPUs in one process, pins to one device instead of wrapping in DataParallel
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[])
+    _ = args.device; args._n_gpu = 2                      # what _setup_devices reports on a 2-GPU node without torchrun
+    with pytest.warns(UserWarning, match="CUDA_VISIBLE_DEVICES"):
+        tr = AlignTrainer(model=model, args=args, train_dataset=feats, processing_class=tok, task_sizes=[2, 2])
+    assert tr.args.n_gpu == 1
+    assert not isinstance(tr._wrap_model(tr.model), torch.nn.DataParallel)
+
+
+def test_trainer_refuses_reentrant_arguments(tmp_path):
+    from transformers import TrainingArguments
+    from alignlora.train import AlignTrainer
+    model, tok = load_model("tiny"); add_adapters(model, "lora")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[],
+                             gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant"):
+        AlignTrainer(model=model, args=args, train_dataset=[dict(input_ids=[1], labels=[1], task_id=t) for t in (0, 0, 1, 1)],
+                     processing_class=tok, task_sizes=[2, 2], align="kl", align_lambda=0.2)
