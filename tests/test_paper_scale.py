@@ -159,3 +159,37 @@ def test_trainer_refuses_reentrant_arguments(tmp_path):
     with pytest.raises(ValueError, match="use_reentrant"):
         AlignTrainer(model=model, args=args, train_dataset=[dict(input_ids=[1], labels=[1], task_id=t) for t in (0, 0, 1, 1)],
                      processing_class=tok, task_sizes=[2, 2], align="kl", align_lambda=0.2)
+
+
+OFFLINE_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from alignlora.models import load_model, MODELS, ModelEntry
+    MODELS["cached-tiny"] = ModelEntry("cached-tiny", "alignlora-test/tiny")     # a registry name whose hub id is cached
+    m, tok = load_model("cached-tiny")
+    print("SUM", sum(p.double().sum().item() for p in m.parameters()))
+    try: load_model("alignlora-test/absent")
+    except OSError as e: print("ERR", e)
+''')
+
+
+def test_offline_hf_cache_and_model_map(tmp_path, monkeypatch):
+    model, tok = load_model("tiny")
+    want = sum(p.double().sum().item() for p in model.parameters())
+    snap = tmp_path / "hub" / "models--alignlora-test--tiny" / "snapshots" / ("0" * 40)
+    model.save_pretrained(snap); tok.save_pretrained(snap)               # the cache layout huggingface-cli writes
+    (snap.parents[1] / "refs").mkdir(); (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = float(p.stdout.split("SUM ")[1].split()[0])
+    assert got == want
+    err = p.stdout.split("ERR ")[1]
+    assert "huggingface-cli download alignlora-test/absent" in err and "ALIGNLORA_MODELS" in err
+    # ALIGNLORA_MODELS: a registry name (as the notebooks of `make reproduce` use) read from a local folder
+    folder = tmp_path / "q7"; model.save_pretrained(folder); tok.save_pretrained(folder)
+    monkeypatch.setenv("ALIGNLORA_MODELS", f"qwen2.5-7b={folder}, other=/nonexistent-but-unused")
+    with pytest.raises(FileNotFoundError, match="ALIGNLORA_MODELS maps 'other'"):
+        load_model("qwen2.5-7b")
+    monkeypatch.setenv("ALIGNLORA_MODELS", f"qwen2.5-7b={folder}")
+    m2, _ = load_model("qwen2.5-7b")
+    assert sum(p.double().sum().item() for p in m2.parameters()) == want
