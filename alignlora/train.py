@@ -752,6 +752,7 @@ def train(model_name: str,                      # `load_model` name / folder (or
         (partial / "fingerprint.json").unlink(missing_ok=True)
         _finalise(partial, output_dir, overwrite)
     trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.free_memory()   # the Accelerator's references to model and optimizer: freed with the result
     if tmp_root is not None: shutil.rmtree(tmp_root, ignore_errors=True)
     return TrainResult(model=model, tokenizer=tok, output_dir=output_dir, log=logger.rows, metrics=metrics,
                        config=config, method=m)

@@ -193,3 +193,50 @@ def test_offline_hf_cache_and_model_map(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNLORA_MODELS", f"qwen2.5-7b={folder}")
     m2, _ = load_model("qwen2.5-7b")
     assert sum(p.double().sum().item() for p in m2.parameters()) == want
+
+
+FIVE = ["qnli", "piqa", "winogrande", "arc", "gsm8k"]
+
+
+def test_run_keys_and_paper_training_args(monkeypatch, tmp_path):
+    from alignlora.experiments import make_spec, RunSpec, _train_run
+    from alignlora.train import _training_args
+    from dataclasses import replace
+    # keys of cpu / smoke specs are those computed before the device class and train args joined the spec
+    assert [make_spec(p, m, FIVE).key for p in ("cpu", "smoke") for m in ("lora", "align-lora-kl", "r-lora", "base")] == \
+        ['0ebe7810824e', 'a92e1c70a362', '8637edda3fed', 'ef12e623202b', 'c8e6aab6f2f3', 'dc01d5e5f986', 'd06f7c37a6c9', 'a85363f9de78']
+    g = make_spec("gpu", "lora", FIVE)
+    assert g.device == "cuda" and replace(g, device="cpu").key != g.key       # a gpu-profile run is not served from CPU
+    with pytest.raises(ValueError, match="device"): replace(g, device="tpu")
+    seen = {}
+    import alignlora.train as T
+    monkeypatch.setattr(T, "train", lambda *a, **kw: seen.setdefault(a[1].name, kw) and None or type("R", (), dict(model=None, tokenizer=None))())
+    for m in ("lora", "align-lora-kl", "r-lora", "m-lora"):
+        _train_run(make_spec("paper", m, FIVE), tmp_path, record=False)
+    for m, sched, warm in (("lora", "linear", 0), ("align-lora-kl", "linear", 0), ("r-lora", "cosine", 0.03), ("m-lora", "cosine", 0.03)):
+        kw = seen[m]
+        assert kw["gradient_checkpointing"] is True and kw["learning_rate"] == 2e-4 and kw["gradient_accumulation_steps"] == 10
+        args = _training_args(tmp_path / m, 1, 5, 0, "cpu", False,
+                              {k: kw[k] for k in ("lr_scheduler_type", "warmup_steps", "weight_decay", "gradient_checkpointing")})
+        assert (args.lr_scheduler_type.value, args.warmup_steps, args.weight_decay) == (sched, warm, 0.0)
+        assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert make_spec("cpu", "lora", FIVE).train_args == ()                    # cpu: train()'s defaults, as before
+
+
+def test_evaluate_leaves_no_cycle_and_run_frees_its_model(tmp_path, monkeypatch):
+    from alignlora.eval import evaluate
+    import alignlora.experiments as X
+    model, tok = load_model("tiny")
+    gc.collect(); gc.disable()
+    try:
+        evaluate(model, tok, ["piqa"], protocol="loglik", limit=2, batch_size=2, progress=False)
+        ref = weakref.ref(model); del model
+        assert ref() is None, "evaluate kept the model alive through a reference cycle"
+    finally: gc.enable()
+    refs, orig = [], X._train_run
+    def spy(*a, **kw):
+        model, tok = orig(*a, **kw); refs.append(weakref.ref(model)); return model, tok
+    monkeypatch.setattr(X, "_train_run", spy)
+    spec = X.make_spec("smoke", "lora", ["qnli", "piqa"])
+    out = X.run(spec, [X.make_eval("smoke", ["piqa"], "loglik")], tmp_path / "runs")
+    assert out["evals"] and len(refs) == 1 and refs[0]() is None, "the trained model outlived run()"
