@@ -240,3 +240,31 @@ def test_evaluate_leaves_no_cycle_and_run_frees_its_model(tmp_path, monkeypatch)
     spec = X.make_spec("smoke", "lora", ["qnli", "piqa"])
     out = X.run(spec, [X.make_eval("smoke", ["piqa"], "loglik")], tmp_path / "runs")
     assert out["evals"] and len(refs) == 1 and refs[0]() is None, "the trained model outlived run()"
+
+
+RUN_DDP_SCRIPT = textwrap.dedent('''
+    import json, os, sys, torch
+    torch.set_num_threads(1)
+    from alignlora import experiments as X
+    out = sys.argv[1]
+    spec = X.make_spec("smoke", "lora", ["qnli", "piqa"])
+    r = X.run(spec, [X.make_eval("smoke", ["piqa"], "loglik")], out + "/runs")
+    json.dump(dict(evals=r["evals"], calls=X.CALLS), open(out + f"/rank{os.environ['RANK']}.json", "w"), default=str)
+''')
+
+
+def test_torchrun_run_evaluates_on_rank0_once(tmp_path):
+    script = tmp_path / "ddp_run.py"; script.write_text(RUN_DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+                        str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
+    assert r0["evals"] == r1["evals"] and len(r0["evals"]) == 1       # both ranks finish with rank 0's result
+    assert r0["calls"] == {"train": 1, "evaluate": 1} and r1["calls"] == {"train": 1, "evaluate": 0}   # trained together
+    runs = [d for d in (tmp_path / "runs").iterdir()]
+    dirs = [d for d in runs if d.is_dir()]
+    assert len(dirs) == 1 and (dirs[0] / "TRAINED").exists() and len(list((dirs[0] / "eval").glob("*.done"))) == 1
+    assert not [d for d in runs if d.name.endswith(".lock")] and not (dirs[0] / "train.partial").exists()
+    log = [json.loads(l) for l in (dirs[0] / "train" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2]                        # one writer: each step logged once
