@@ -117,7 +117,7 @@ def segment_sdpa(module: torch.nn.Module,                   # attention layer (t
     R, H, T, D = query.shape
     if cu_seq_lens_q is None or key.shape[2] != T:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
+    bounds = getattr(cu_seq_lens_q, "host_bounds", None) or cu_seq_lens_q.tolist()   # host copy: no sync per layer
     if bounds[0] != 0 or bounds[-1] != R * T:
         raise ValueError(f"cu_seq_lens_q must run from 0 to rows·T = {R * T}, got {bounds[0]} … {bounds[-1]}; "
                          "build packed batches with pack_collate.")
@@ -353,9 +353,14 @@ class AlignTrainer(Trainer):
 
     # ---- data ----
     def collate(self, features):
-        "The micro-batch collator: packed or padded."
-        if self.pack: return pack_collate(features, self.pad_token_id, self.pack_max_tokens)
-        return pad_collate(features, self.pad_token_id)
+        "The micro-batch collator: packed or padded, plus host-side counts and indices (no device sync later)."
+        b = pack_collate(features, self.pad_token_id, self.pack_max_tokens) if self.pack else pad_collate(features, self.pad_token_id)
+        real = b.get("unpack_mask", b["attention_mask"] if not self.pack else None)
+        b["real_tokens"] = int(real.sum())                                         # built on the CPU
+        if "cu_seq_lens" in b: b["cu_seq_bounds"] = b["cu_seq_lens"].tolist()
+        keep = b["shift_labels"] != IGNORE
+        if keep.shape[0] == 1: b["logits_index"] = keep[0].nonzero().flatten()
+        return b
 
     def get_train_dataloader(self) -> DataLoader:
         "Balanced batches for this rank: k examples of every task in every micro-batch."
@@ -377,7 +382,9 @@ class AlignTrainer(Trainer):
         "The model's keyword arguments for a micro-batch, and whether it attends per packed sequence."
         fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
         per_seq = self.per_sequence_attention and inputs.get("cu_seq_lens") is not None
-        if per_seq: fwd["cu_seq_lens_q"] = inputs["cu_seq_lens"]   # the 4-D mask stays: exact on any other attention
+        if per_seq:
+            fwd["cu_seq_lens_q"] = inputs["cu_seq_lens"]   # the 4-D mask stays: exact on any other attention
+            if "cu_seq_bounds" in inputs: inputs["cu_seq_lens"].host_bounds = list(inputs["cu_seq_bounds"])
         return fwd, per_seq
 
     def _groups(self, task_ids: torch.Tensor) -> torch.Tensor:
@@ -405,7 +412,8 @@ class AlignTrainer(Trainer):
         fwd, per_seq = self._forward_args(inputs)
         keep = shifted != IGNORE
         if self.supervised_logits:   # one packed row: 1-D positions (any transformers 5.x); else a [rows, T] bool mask
-            fwd["logits_to_keep"] = keep[0].nonzero().flatten() if keep.shape[0] == 1 else keep
+            fwd["logits_to_keep"] = (inputs["logits_index"] if "logits_index" in inputs else keep[0].nonzero().flatten()) \
+                if keep.shape[0] == 1 else keep
         unwrapped = self.accelerator.unwrap_model(model)
         aligning = self.align is not None and model.training
         share = self._step_shares.pop(0) if aligning and self._step_shares else None
@@ -438,13 +446,15 @@ class AlignTrainer(Trainer):
                 groups = self._groups(task_ids)
                 al = self._align_value(feats, groups, alignment_mask(*rows, self.align_mask), task_ids)
                 loss = loss + self.align_lambda * al
-                self._align_samples = int(torch.bincount(groups).min())
-        if model.training:
-            um = inputs.get("unpack_mask")
-            real = int(um.sum()) if um is not None else int(inputs["attention_mask"].sum())
+                self._align_samples = torch.bincount(groups).min()   # read at logging time
+        if model.training:   # running sums stay on the device: no sync per micro-batch
+            real = inputs.get("real_tokens")
+            if real is None: um = inputs.get("unpack_mask"); real = int(um.sum() if um is not None else inputs["attention_mask"].sum())
             self.real_tokens += real
-            self._sums += torch.tensor([ce_sum.item(), n_sup.item(), al.item() if al is not None else 0.0,
-                                        1.0 if al is not None else 0.0, real], dtype=torch.float64)
+            z = ce_sum.new_zeros((), dtype=torch.float64)
+            a = (al.detach().double(), z + 1) if al is not None else (z, z)
+            if self._sums.device != z.device: self._sums = self._sums.to(z.device)
+            self._sums += torch.stack([ce_sum.detach().double(), n_sup.double(), a[0], a[1], z + real])
         return (loss, out) if return_outputs else loss
 
     # ---- logs ----
@@ -457,7 +467,8 @@ class AlignTrainer(Trainer):
             logs["lm_loss"] = s[0] / max(s[1], 1)
             if self.align is not None:
                 logs["align_loss"] = s[2] / max(s[3], 1)           # mean over the steps since the last log
-                logs["align_samples"] = getattr(self, "_align_samples", None)
+                n = getattr(self, "_align_samples", None)
+                logs["align_samples"] = int(n) if n is not None else None
             logs["tokens"] = int(s[4])
             self._sums.zero_()
         super().log(logs, start_time)

@@ -268,3 +268,39 @@ def test_torchrun_run_evaluates_on_rank0_once(tmp_path):
     assert not [d for d in runs if d.name.endswith(".lock")] and not (dirs[0] / "train.partial").exists()
     log = [json.loads(l) for l in (dirs[0] / "train" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2]                        # one writer: each step logged once
+
+
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero")   # each a device→host sync on a GPU tensor
+SYNC_BOUND = {"lora": 0, "align-lora-kl": 8}   # per micro-batch, independent of the number of layers
+
+
+def test_host_syncs_per_micro_batch(monkeypatch):
+    from transformers import AutoModelForCausalLM
+    from alignlora.models import model_config
+    from alignlora import train as T
+    counts, active = [], [False]
+    def wrap(n, f):
+        def g(self, *a, **kw):
+            if active[0]: counts[-1][n] = counts[-1].get(n, 0) + 1
+            return f(self, *a, **kw)
+        return g
+    for n in SYNCS: monkeypatch.setattr(torch.Tensor, n, wrap(n, getattr(torch.Tensor, n)))
+    cl = T.AlignTrainer.compute_loss
+    def spy(self, *a, **kw):                  # the hot loop: forward, loss, backward-graph building, per micro-batch
+        counts.append({}); active[0] = True
+        try: return cl(self, *a, **kw)
+        finally: active[0] = False
+    monkeypatch.setattr(T.AlignTrainer, "compute_loss", spy)
+    _, tok = load_model("tiny")
+    seen = {}
+    for layers in (2, 4):
+        cfg = model_config("tiny"); cfg.num_hidden_layers = layers; torch.manual_seed(0)
+        for method in SYNC_BOUND:
+            counts.clear()
+            T.train(AutoModelForCausalLM.from_config(cfg), method, ["qnli", "piqa"], tokenizer=tok, n_train=8, k=4,
+                    max_length=64, max_steps=2, progress=False)
+            assert len(counts) == 2
+            seen[method, layers] = [sum(c.values()) for c in counts]
+    for method, bound in SYNC_BOUND.items():
+        assert seen[method, 2] == seen[method, 4], seen                    # no sync per layer
+        assert max(seen[method, 2]) <= bound, (method, seen)
