@@ -22,7 +22,7 @@ __all__ = ['PROFILES', 'AUTHORS_SCHEDULES', 'R_LORA_FAMILY', 'DTYPE_ALIASES', 'D
            'verdict', 'hardware', 'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure',
            'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'run',
            'run_grid', 'collect', 'per_example', 'claim_row', 'write_claims', 'project_root', 'paper_notebooks',
-           'reproduce', 'reproduce_cli', 'write_index']
+           'reproduce', 'reproduce_cli', 'write_index', 'memory_table']
 
 # %% ../nbs/06_experiments.ipynb #40fe7225
 def atomic_write(path: str | Path,     # target file
@@ -845,3 +845,32 @@ def write_index(results_root: str | Path) -> Path:
         wt, _ = read_table(prof / "walltimes.csv")
         parts.append(f"\n### Wall time\n\n{_md_table(wt)}\n\nTotal: {wt.wall_s.sum()/60:.1f} min\n")
     return atomic_write(root / "README.md", "".join(parts))
+
+# %% ../nbs/06_experiments.ipynb #46426b81
+def memory_table(models=("qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "llama3-8b"),  # registered models with a config
+                 method: str = "lora",   # the adapter (its trainable parameters)
+                 rows: int | None = None,    # rows per micro-batch (None: the paper profile's k × 5 tasks)
+                 max_length: int | None = None,  # tokens per row (None: the paper profile's)
+                 ) -> pd.DataFrame:
+    "Per model, GB for weights, adapters + AdamW, activations without / with checkpointing, and logits (see above)."
+    from alignlora.models import meta_model
+    from alignlora.adapters import add_adapters
+    from alignlora.methods import get_method
+    p = PROFILES["paper"]
+    rows, max_length = rows or p.k * 5, max_length or p.max_length
+    tokens, GB, out = rows * max_length, 1e9, []
+    for name in models:
+        m = meta_model(name); c = m.config
+        h, inter, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+        kv = c.num_key_value_heads * (h // c.num_attention_heads)
+        add_adapters(m, get_method(method))
+        base = sum(q.numel() for q in m.parameters() if not q.requires_grad)
+        trainable = sum(q.numel() for q in m.parameters() if q.requires_grad)
+        per_layer = 2 * (6 * h + 2 * kv + 4 * inter) + 4 * (h + inter)      # bytes per token and layer
+        out.append(dict(model=name, params_b=round(base / 1e9, 2), weights_bf16_gb=round(2 * base / GB, 1),
+                        adapters_adamw_gb=round(16 * trainable / GB, 2), tokens=tokens,
+                        activations_gb=round(per_layer * L * tokens / GB, 1),
+                        activations_checkpointed_gb=round((2 * h * L + per_layer) * tokens / GB, 1),
+                        logits_all_positions_gb=round(6 * V * tokens / GB, 1),
+                        logits_per_answer_token_mb=round(6 * V / 1e6, 2)))
+    return pd.DataFrame(out).set_index("model")
