@@ -46,7 +46,8 @@ nbtest: venv
 pytest: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
-# Main job: the paper notebooks through papermill, default profile `cpu`.
+# Main job: the paper notebooks through papermill, default profile `cpu`. ALIGNLORA_MODELS=name=/path,... (local
+# model folders) and HF_HOME (a pre-filled Hugging Face cache) reach every notebook through the environment.
 reproduce: venv
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} \
 	  $(BIN)/python -c 'import sys; from alignlora.experiments import reproduce_cli; reproduce_cli(sys.argv[1:])' \

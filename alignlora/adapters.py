@@ -18,7 +18,7 @@ from .errors import check_int, check_number
 
 # %% auto #0
 __all__ = ['INITS', 'AGGREGATIONS', 'ADAPTER_FILE', 'CONFIG_FILE', 'FORMAT', 'PEFT_WEIGHTS', 'PEFT_CONFIG', 'AdapterConfig',
-           'AdapterLinear', 'reset_parameters', 'routing_weights', 'forward', 'resolve_adapter_config',
+           'master_dtype', 'AdapterLinear', 'reset_parameters', 'routing_weights', 'forward', 'resolve_adapter_config',
            'adapter_layers', 'add_adapters', 'trainable_fraction', 'capture_features', 'delta_weight', 'merge_adapters',
            'unmerge_adapters', 'adapter_state_dict', 'save_adapters', 'read_adapter_config', 'load_adapters',
            'peft_factors', 'export_peft', 'import_peft']
@@ -100,17 +100,22 @@ def _in_backward() -> bool:
     f = getattr(torch._C, "_current_autograd_node", None)
     return f is not None and f() is not None
 
+def master_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    "Adapter parameter dtype on a base of `base_dtype`: fp32 master weights on bf16/fp16 (as PEFT), else the base's."
+    return torch.float32 if autocast_adapter_dtype and base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+
 class AdapterLinear(nn.Module):
     "A frozen `nn.Linear` (`.base`) plus a (multi-head / multi-expert, optionally routed) low-rank update."
     def __init__(self,
                  base: nn.Linear,       # the linear layer to adapt (frozen here)
-                 cfg: AdapterConfig):   # shape, combination, dropout and init of the adapter
+                 cfg: AdapterConfig,    # shape, combination, dropout and init of the adapter
+                 dtype: torch.dtype | None = None):  # adapter parameter dtype; None: `master_dtype(base dtype)`
         super().__init__()
         if not isinstance(base, nn.Linear): raise TypeError(f"AdapterLinear wraps nn.Linear, got {type(base).__name__}")
         self.base, self.cfg = base, cfg
         base.requires_grad_(False)
         d_in, d_out, r = base.in_features, base.out_features, cfg.r
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device, dtype=dtype or master_dtype(base.weight.dtype))
         self.lora_A = nn.Parameter(torch.empty(cfg.experts * r, d_in, **kw))
         self.lora_B = nn.Parameter(torch.empty(d_out, cfg.branches * r, **kw))
         self.router = nn.Linear(d_in, cfg.branches, bias=False, **kw) if cfg.router else None
@@ -170,7 +175,14 @@ def forward(self: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
     c = self.cfg
     y = self.base(x)
     if self.merged: return y
-    z = F.linear(F.dropout(x, c.dropout, self.training) if c.dropout else x, self.lora_A)   # [..., experts·r], once
+    dt, dev = self.lora_A.dtype, x.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    if autocast and dt == torch.float32:   # A·x (the alignment features) in fp32 with autocast off; B·z under autocast
+        with torch.autocast(dev, enabled=False):
+            x = x.float(); z = F.linear(F.dropout(x, c.dropout, self.training) if c.dropout else x, self.lora_A)
+    else:                                  # fp32 master adapter on a bf16/fp16 base: the low-rank path in fp32
+        if x.dtype != dt and not autocast: x = x.to(dt)
+        z = F.linear(F.dropout(x, c.dropout, self.training) if c.dropout else x, self.lora_A)   # [..., experts·r], once
     if self._capture is not None and not _in_backward():
         self.features = z; self._capture.append(z)
     if c.branches > 1:
@@ -179,10 +191,11 @@ def forward(self: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
     if self.router is not None: z = z * self.routing_weights(x).to(z.dtype).unsqueeze(-1)
     if c.branches > 1: z = z.flatten(-2)                                           # [..., N·r]
     # y + s·z Bᵀ as one addmm: no separate scale and add passes over the [tokens, d_out] output (forward or backward)
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), self.lora_B.T,
+    acc = y if y.dtype == z.dtype or autocast else y.to(z.dtype)   # one rounding back to y's dtype, at the end
+    out = torch.addmm(acc.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), self.lora_B.T,
                       alpha=c.scaling * (1.0 if c.router else c.kappa)).view(y.shape)
     if self.offset_A is not None: out = out + F.linear(F.linear(x, self.offset_A), self.offset_B)
-    return out
+    return out.to(y.dtype)                 # the base output's dtype
 
 AdapterLinear.routing_weights = routing_weights
 AdapterLinear.forward = forward
@@ -209,7 +222,8 @@ def adapter_layers(model: nn.Module) -> list[AdapterLinear]:
 # %% ../nbs/02_adapters.ipynb #ad74a640
 def add_adapters(model: nn.Module,        # a (transformers) model; modified in place
                  method_or_config,         # method name ('lora', 'r-lora', ...), method object, or AdapterConfig
-                 target_modules=None):     # override the config's targets (names, dotted suffixes, or a regex string)
+                 target_modules=None,      # override the config's targets (names, dotted suffixes, or a regex string)
+                 autocast_adapter_dtype: bool = True):  # fp32 adapters on a bf16/fp16 base (PEFT's default); False: base dtype
     "Freeze `model` and wrap its matching linear layers in `AdapterLinear`; returns the model."
     cfg = resolve_adapter_config(method_or_config)
     targets = cfg.target_modules if target_modules is None else target_modules
@@ -226,7 +240,7 @@ def add_adapters(model: nn.Module,        # a (transformers) model; modified in 
     model.requires_grad_(False)
     for n in hits:
         parent, _, leaf = n.rpartition(".")
-        layer = AdapterLinear(linears[n], cfg); layer.path = n
+        layer = AdapterLinear(linears[n], cfg, master_dtype(linears[n].weight.dtype, autocast_adapter_dtype)); layer.path = n
         layer.train(linears[n].training)          # a model in eval mode stays in eval mode
         setattr(model.get_submodule(parent) if parent else model, leaf, layer)
     model.alignlora_adapter_config = cfg

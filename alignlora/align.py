@@ -107,6 +107,10 @@ def align_groups(task_ids: torch.Tensor,  # long [batch]: each sample's task id
 def _compute_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float64 if dt == torch.float64 else torch.float32
 
+def _no_autocast(t: torch.Tensor):
+    "Autocast off on `t`'s device type: the loss's fp32/fp64 math must not be recast to bf16 by an enclosing autocast."
+    return torch.autocast(t.device.type, enabled=False)
+
 def _as_layers(features) -> list[torch.Tensor]:
     feats = [features] if torch.is_tensor(features) else list(features)
     if not feats: raise ValueError("align_loss got no features: pass one [batch, seq, r] tensor per adapted layer.")
@@ -155,24 +159,26 @@ class _TaskMoments(torch.autograd.Function):
     "Per task and position: mean and unbiased variance over the valid samples. Saves only x, W and the means."
     @staticmethod
     def forward(ctx, x, Wf):                # x [B, S, r] any float dtype; Wf [T, B, S] 0/1 in the compute dtype
-        xs = x.detach().to(Wf.dtype)
-        n = Wf.sum(1)[..., None]                                          # [T, S, 1]
-        mu = torch.einsum("tbs,bsr->tsr", Wf, xs) / n.clamp(min=1)
-        owner = Wf.sum(2).argmax(0)         # task index of each sample (one without valid positions has weight 0)
-        dev = xs - mu[owner]                # centred on the sample's own task mean: no E[x²] − μ² cancellation
-        var = torch.einsum("tbs,bsr->tsr", Wf, dev * dev) / (n - 1).clamp(min=1)
-        ctx.save_for_backward(x, Wf, mu)
-        return mu, var
+        with _no_autocast(x):
+            xs = x.detach().to(Wf.dtype)
+            n = Wf.sum(1)[..., None]                                          # [T, S, 1]
+            mu = torch.einsum("tbs,bsr->tsr", Wf, xs) / n.clamp(min=1)
+            owner = Wf.sum(2).argmax(0)         # task index of each sample (one without valid positions has weight 0)
+            dev = xs - mu[owner]                # centred on the sample's own task mean: no E[x²] − μ² cancellation
+            var = torch.einsum("tbs,bsr->tsr", Wf, dev * dev) / (n - 1).clamp(min=1)
+            ctx.save_for_backward(x, Wf, mu)
+            return mu, var
     @staticmethod
     def backward(ctx, g_mu, g_var):
-        x, Wf, mu = ctx.saved_tensors
-        xs = x.detach().to(Wf.dtype)
-        n = Wf.sum(1)[..., None]
-        dev = xs - mu[Wf.sum(2).argmax(0)]
-        # dμ/dx_b = w_b/n; dσ²/dx_b = 2 w_b (x_b − μ)/(n − 1) (the term through μ vanishes: Σ w (x − μ) = 0)
-        g = torch.einsum("tbs,tsr->bsr", Wf, g_mu / n.clamp(min=1))
-        g = g + 2 * dev * torch.einsum("tbs,tsr->bsr", Wf, g_var / (n - 1).clamp(min=1))
-        return g.to(x.dtype), None
+        with _no_autocast(g_mu):
+            x, Wf, mu = ctx.saved_tensors
+            xs = x.detach().to(Wf.dtype)
+            n = Wf.sum(1)[..., None]
+            dev = xs - mu[Wf.sum(2).argmax(0)]
+            # dμ/dx_b = w_b/n; dσ²/dx_b = 2 w_b (x_b − μ)/(n − 1) (the term through μ vanishes: Σ w (x − μ) = 0)
+            g = torch.einsum("tbs,tsr->bsr", Wf, g_mu / n.clamp(min=1))
+            g = g + 2 * dev * torch.einsum("tbs,tsr->bsr", Wf, g_var / (n - 1).clamp(min=1))
+            return g.to(x.dtype), None
 
 def _kl_layer(x: torch.Tensor, Wf: torch.Tensor, iu: torch.Tensor):
     "Symmetric KL for task pairs `iu` (i < j) at every position: (value [P, S], valid [P, S]). Wf: 0/1 [T, B, S]."
@@ -220,21 +226,23 @@ class _MultiKernelSums(torch.autograd.Function):
     "P[s, i, j] = Σ_{b∈i, c∈j} m[s,b] K[s,b,c] m[s,c]: multi-kernel sums per task pair, O(B²S) memory."
     @staticmethod
     def forward(ctx, x, onehot, mf, bandwidths):   # x [B, S, r]; onehot [T, B], mf [S, B]: 0/1 in the compute dtype
-        xs = x.detach().transpose(0, 1).to(mf.dtype)   # [S, B, r]; the cast is not kept (recomputed in backward)
-        K = _kernel_sum_(_sqdist(xs), bandwidths)
-        K.mul_(mf[:, :, None]).mul_(mf[:, None, :])    # only valid positions of both samples count
-        ctx.save_for_backward(x, onehot, mf); ctx.bandwidths = bandwidths
-        return _pair_sums(K, onehot)                    # [S, T, T]
+        with _no_autocast(x):
+            xs = x.detach().transpose(0, 1).to(mf.dtype)   # [S, B, r]; the cast is not kept (recomputed in backward)
+            K = _kernel_sum_(_sqdist(xs), bandwidths)
+            K.mul_(mf[:, :, None]).mul_(mf[:, None, :])    # only valid positions of both samples count
+            ctx.save_for_backward(x, onehot, mf); ctx.bandwidths = bandwidths
+            return _pair_sums(K, onehot)                    # [S, T, T]
     @staticmethod
     def backward(ctx, gP):
-        x, onehot, mf = ctx.saved_tensors
-        xs = x.detach().transpose(0, 1).to(mf.dtype)
-        H = _pair_spread(gP.contiguous(), onehot)      # dL/dK [S, B, B]
-        H.mul_(mf[:, :, None]).mul_(mf[:, None, :])
-        H.mul_(_kernel_sum_(_sqdist(xs), ctx.bandwidths, derivative=True))   # dL/dd
-        H = H + H.transpose(1, 2)           # d(b,c) depends on x_b and x_c symmetrically
-        gxs = 2 * (H.sum(2, keepdim=True) * xs - H @ xs)   # Σ_c H[b,c] · 2(x_b − x_c)
-        return gxs.transpose(0, 1).to(x.dtype), None, None, None
+        with _no_autocast(gP):
+            x, onehot, mf = ctx.saved_tensors
+            xs = x.detach().transpose(0, 1).to(mf.dtype)
+            H = _pair_spread(gP.contiguous(), onehot)      # dL/dK [S, B, B]
+            H.mul_(mf[:, :, None]).mul_(mf[:, None, :])
+            H.mul_(_kernel_sum_(_sqdist(xs), ctx.bandwidths, derivative=True))   # dL/dd
+            H = H + H.transpose(1, 2)           # d(b,c) depends on x_b and x_c symmetrically
+            gxs = 2 * (H.sum(2, keepdim=True) * xs - H @ xs)   # Σ_c H[b,c] · 2(x_b − x_c)
+            return gxs.transpose(0, 1).to(x.dtype), None, None, None
 
 def _mmd_layer(x: torch.Tensor, onehot: torch.Tensor, mf: torch.Tensor, iu: torch.Tensor, bandwidths=MMD_BANDWIDTHS):
     "Biased multi-kernel MMD² for task pairs `iu` (i < j) at every position: (value [P, S], valid [P, S])."
@@ -265,6 +273,10 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
     "Align-LoRA's loss: distance between every pair of tasks' features, averaged over pairs and layers (fp32 scalar)."
     _check_kind(kind); _check_pool(pool)
     feats = _as_layers(features)
+    with _no_autocast(feats[0]):   # fp32 (fp64) math whatever autocast encloses the call
+        return _align_loss(feats, task_ids, kind, mask, pool, num_tasks, bandwidths, fuse)
+
+def _align_loss(feats, task_ids, kind, mask, pool, num_tasks, bandwidths, fuse) -> torch.Tensor:
     B, S = feats[0].shape[:2]
     W, _ = _task_weights(task_ids, mask, B, S, kind, num_tasks, feats[0].device)
     if pool == "mean":

@@ -197,7 +197,7 @@ def evaluate(model,                        # an in-memory transformers causal LM
              seed: int = 0,                # row subsampling and lm-eval seeds
              progress: bool = True) -> dict:  # show lm-eval's progress bars over requests
     "Evaluate `model` on `tasks` with lm-eval; `{task: {acc, acc_stderr, n, parse_rate, per_example}}` (+ `bbh`)."
-    import lm_eval
+    import lm_eval, torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     if protocol not in PROTOCOLS: raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
@@ -216,7 +216,7 @@ def evaluate(model,                        # an in-memory transformers causal LM
                                  "evaluate them with protocol='generate'.")
     if protocol == "stock": [stock_yaml(n) for n in names]  # fail early on tasks with no stock definition
     was_training = model.training
-    quiet = _Quiet()
+    quiet, lm = _Quiet(), None
     with tempfile.TemporaryDirectory(prefix="alignlora-eval-") as tmp:
         tmp = Path(tmp); lm_names = {}
         for n in names:
@@ -230,14 +230,18 @@ def evaluate(model,                        # an in-memory transformers causal LM
         try:
             quiet.__enter__()
             tm = TaskManager(include_path=str(tmp), include_defaults=False)
-            lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size)
+            # log-likelihoods from an fp32 softmax on any model dtype (bf16 logits tie and flip choices)
+            lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
             if not progress:  # lm-eval's request loops take `disable_tqdm`; its evaluator does not pass it on
                 for req in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
                     setattr(lm, req, functools.partial(getattr(lm, req), disable_tqdm=True))
             raw = lm_eval.simple_evaluate(model=lm, tasks=list(lm_names.values()), task_manager=tm,
                                           log_samples=True, random_seed=seed, numpy_random_seed=seed,
                                           torch_random_seed=seed, fewshot_random_seed=seed)
-        finally: model.train(was_training); quiet.__exit__()
+        finally:
+            model.train(was_training); quiet.__exit__()
+            if lm is not None: lm.__dict__.clear()   # the partials above refer back to lm: no cycle keeps the model alive
+            lm = None
     res = {}
     for n, t in lm_names.items():
         r = raw["results"][t]

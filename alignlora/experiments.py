@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_experiments.ipynb #51c49071
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, platform, shutil, subprocess, sys, tempfile, threading, time, traceback, uuid, warnings
+import contextlib, dataclasses, hashlib, json, math, os, platform, shutil, subprocess, sys, tempfile, threading, time, traceback, uuid, warnings
 from dataclasses import dataclass, field, asdict, replace
 from functools import lru_cache
 from itertools import product
@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['PROFILES', 'DTYPE_ALIASES', 'DTYPES', 'CALLS', 'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'atomic_write',
-           'atomic_json', 'Profile', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec', 'RunSpec',
-           'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'paired_bootstrap', 'fmt_pm', 'verdict',
-           'hardware', 'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure', 'runs_dir',
-           'run_status', 'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'run', 'run_grid',
-           'collect', 'per_example', 'claim_row', 'write_claims', 'project_root', 'paper_notebooks', 'reproduce',
-           'reproduce_cli', 'write_index']
+__all__ = ['PROFILES', 'AUTHORS_SCHEDULES', 'R_LORA_FAMILY', 'DTYPE_ALIASES', 'DTYPES', 'DEVICE_CLASSES', 'TRAIN_ARGS', 'CALLS',
+           'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'atomic_write', 'atomic_json', 'Profile',
+           'profile_train_args', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec', 'device_class',
+           'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'paired_bootstrap', 'fmt_pm',
+           'verdict', 'hardware', 'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure',
+           'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'run',
+           'run_grid', 'collect', 'per_example', 'claim_row', 'write_claims', 'project_root', 'paper_notebooks',
+           'reproduce', 'reproduce_cli', 'write_index', 'memory_table']
 
 # %% ../nbs/06_experiments.ipynb #40fe7225
 def atomic_write(path: str | Path,     # target file
@@ -64,6 +65,8 @@ class Profile:
     eval_batch_size: int = 16
     dtype: str = "float32"        # float32 on CPU; bfloat16 on GPU
     device: str = "cpu"
+    gradient_checkpointing: bool = False  # paper: on (the authors' script); recomputes each layer in backward
+    authors_schedules: bool = False       # paper: each method family's schedule from the authors' scripts
     note: str = ""
 
 PROFILES: dict[str, Profile] = {p.name: p for p in [
@@ -80,9 +83,25 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             note="full training sets, 3 seeds, one GPU; alignment over 16 samples per task (k 4 x accumulation 4)"),
     Profile("paper", "qwen2.5-3b", n_train=None, k=1, max_steps=None, grad_accum=10, lr=2e-4, max_length=512,
             eval_limit=None, gsm8k_limit=None, bbh_limit=None, max_new_tokens=128, seeds=(42,),
-            eval_batch_size=32, dtype="bfloat16", device="cuda",
+            eval_batch_size=32, dtype="bfloat16", device="cuda", gradient_checkpointing=True, authors_schedules=True,
             note="the paper's hyper-parameters (lr 2e-4, 1 epoch, α 32, max length 512, bf16; 5 rows per device x accumulation 10 = 10 samples per task per step); models from the hub"),
 ]}
+
+# The authors' scripts (PAPER.md §3). Their Align-LoRA/LoRA script sets no schedule, warmup or weight decay, so the
+# Trainer's defaults apply; their R-LoRA script sets cosine with warmup 0.03 (r-lora and m-lora, R-LoRA without router).
+AUTHORS_SCHEDULES = {
+    "default": dict(lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0),
+    "r-lora":  dict(lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0),
+}
+R_LORA_FAMILY = ("r-lora", "m-lora")
+
+def profile_train_args(p: "Profile", method: str) -> tuple:
+    "Extra `TrainingArguments` of `method` at profile `p`, as sorted pairs (empty: `train`'s defaults, as before)."
+    kw = {}
+    if p.gradient_checkpointing: kw["gradient_checkpointing"] = True
+    if p.authors_schedules and method != "base":
+        kw.update(AUTHORS_SCHEDULES["r-lora" if method in R_LORA_FAMILY else "default"])
+    return tuple(sorted(kw.items()))
 
 def get_profile(name: str | Profile) -> Profile:
     "A profile by name (or pass one through)."
@@ -124,6 +143,11 @@ def check_run_spec(s) -> None:
     check_number("lr", s.lr, note="The paper uses 2e-4.")
     if s.dtype not in DTYPES:
         raise unknown_name("dtype", s.dtype, DTYPES, "dtype", fix=f"Use {DTYPE_ALIASES[s.dtype]!r}." if s.dtype in DTYPE_ALIASES else "")
+    if s.device not in DEVICE_CLASSES: raise unknown_name("device", s.device, DEVICE_CLASSES, "device class",
+                                                           fix="A RunSpec names the device class; run(..., device='cuda:1') picks the GPU.")
+    for kv in s.train_args:
+        if not (isinstance(kv, tuple) and len(kv) == 2 and kv[0] in TRAIN_ARGS):
+            raise ValueError(f"train_args must be (name, value) pairs with names in {TRAIN_ARGS}, got {kv!r}")
     if not s.target_modules or not all(isinstance(t, str) for t in s.target_modules):
         raise ValueError(f"target_modules must be a non-empty list of layer names, got {s.target_modules!r}")
     linears = _linear_layer_names(s.model)
@@ -137,7 +161,7 @@ def check_run_spec(s) -> None:
     m = get_method(s.method, **dict(s.overrides))   # unknown fields and bad values raise here, naming the field
     if m.align is not None:
         from alignlora.train import check_alignment
-        check_alignment(m.align, m.align_lambda, m.adapter, s.k)
+        check_alignment(m.align, m.align_lambda, m.adapter, s.k, grad_accum=s.grad_accum)   # per optimizer step
         if len(s.tasks) < 2: raise ValueError(f"tasks={list(s.tasks)}: alignment ({s.method}) needs at least 2 tasks.")
 
 def check_eval_spec(e) -> None:
@@ -162,6 +186,14 @@ def _canon(obj) -> str:
 def _hash(obj, n=12) -> str:
     return hashlib.sha256(_canon(obj).encode()).hexdigest()[:n]
 
+_KEY_DEFAULTS = {"device": "cpu", "train_args": ()}
+DEVICE_CLASSES = ("cpu", "cuda")
+TRAIN_ARGS = ("gradient_checkpointing", "lr_scheduler_type", "warmup_steps", "weight_decay")
+
+def device_class(device) -> str:
+    "'cpu' or 'cuda' of a device string ('cuda:3' → 'cuda')."
+    return str(device).split(":")[0]
+
 @dataclass(frozen=True)
 class RunSpec:
     "Everything that determines a trained adapter. `key` names its folder in the run cache."
@@ -178,10 +210,13 @@ class RunSpec:
     max_length: int = 512
     target_modules: tuple = ("gate_proj", "up_proj", "down_proj")
     dtype: str = "float32"
+    device: str = "cpu"                     # device class it trains on: 'cpu' | 'cuda'
+    train_args: tuple = ()                  # extra TrainingArguments as sorted (name, value) pairs
 
     def __post_init__(self): check_run_spec(self)
     @property
-    def key(self) -> str: return _hash(asdict(self))
+    def key(self) -> str:   # fields added later count only when they differ from their default: old keys stay valid
+        return _hash({k: v for k, v in asdict(self).items() if not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])})
     @property
     def label(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.overrides)
@@ -212,7 +247,8 @@ def make_spec(profile: str | Profile,       # profile giving model and training 
     one = lambda v: (v,) if isinstance(v, str) else tuple(v)   # one name given as a string is a list of one
     return RunSpec(model=p.model, method=method, tasks=one(tasks), seed=seed, overrides=tuple(sorted(overrides.items())),
                    n_train=p.n_train, k=p.k, max_steps=p.max_steps, grad_accum=p.grad_accum, lr=p.lr,
-                   max_length=p.max_length, target_modules=one(target_modules), dtype=p.dtype)
+                   max_length=p.max_length, target_modules=one(target_modules), dtype=p.dtype,
+                   device=device_class(p.device), train_args=profile_train_args(p, method))
 
 def make_eval(profile: str | Profile, tasks: Iterable[str], protocol: str = "generate", **kw) -> EvalSpec:
     "An `EvalSpec` with `profile`'s row limits (GSM8K and BBH get their own)."
@@ -497,7 +533,7 @@ def _dtype(name):
     import torch
     return getattr(torch, name)
 
-def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True, data_hash: str = "hub"):
+def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True, data_hash: str = "hub", record: bool = True):
     from alignlora.train import train
     from alignlora.methods import get_method
     CALLS["train"] += 1
@@ -507,17 +543,17 @@ def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True, 
                 n_train=spec.n_train, k=spec.k, max_length=spec.max_length, seed=spec.seed,
                 target_modules=spec.target_modules, dtype=_dtype(spec.dtype), device=device,
                 learning_rate=spec.lr, max_steps=spec.max_steps if spec.max_steps else -1,
-                gradient_accumulation_steps=spec.grad_accum, disable_tqdm=quiet)
-    atomic_json(d / "TRAINED", {"format": RECORD_FORMAT, "files_sha256": _files_hash(d / "train"),
+                gradient_accumulation_steps=spec.grad_accum, disable_tqdm=quiet, **dict(spec.train_args))
+    if record: atomic_json(d / "TRAINED", {"format": RECORD_FORMAT, "files_sha256": _files_hash(d / "train"),
                                 "data_sha256": data_hash, "finished": time.time()})
     return res.model, res.tokenizer
 
-def load_run(spec: RunSpec, runs_dir_=None, device="cpu"):
-    "The trained model of a cached run (base model + its saved adapters), in eval mode."
+def load_run(spec: RunSpec, runs_dir_=None, device=None):
+    "The trained model of a cached run (base model + its saved adapters), in eval mode, on `device` (None: the spec's)."
     from alignlora.models import load_model
     from alignlora.adapters import add_adapters, load_adapters
     from alignlora.methods import get_method
-    model, tok = load_model(spec.model, dtype=_dtype(spec.dtype), device=device)
+    model, tok = load_model(spec.model, dtype=_dtype(spec.dtype), device=device or spec.device)
     if spec.method != "base":
         st = run_status(spec, runs_dir_)
         if st != "trained": raise FileNotFoundError(f"run {spec.key} ({spec.label}) is {st}; call run(spec) first")
@@ -564,11 +600,30 @@ def _evaluate(model, tok, e: EvalSpec, data_dir) -> dict:
     return dict(eval=asdict(e), key=e.key, results=res, wall_s=time.time() - t0)
 
 # %% ../nbs/06_experiments.ipynb #fad04e43
+def _rank_world() -> tuple[int, int]:
+    "This process's rank and the number of processes (torchrun's RANK / WORLD_SIZE; 0, 1 without it)."
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+def _rank0_decides(value, world: int):
+    "Rank 0's `value` on every rank (a broadcast over the process group the Trainer also uses)."
+    if world == 1: return value
+    import torch.distributed as dist
+    from accelerate import PartialState
+    PartialState()                                   # joins torchrun's process group (gloo on CPU, nccl on GPUs)
+    box = [value]; dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+def _free_memory():
+    "Collect what the finished run left (model, optimizer, Trainer) before the next one loads."
+    import gc, torch
+    gc.collect()
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+
 def run(spec: RunSpec,                       # what to train
         evals: Iterable[EvalSpec] = (),      # what to evaluate it on
         runs_dir_: str | Path | None = None, # run cache folder (default $ALIGNLORA_RUNS or runs/)
         data_dir: str | Path | None = None,  # offline data folder (default $ALIGNLORA_DATA, else hub)
-        device: str = "cpu",
+        device: str | None = None,           # None: the spec's device class ('cuda' → cuda:$LOCAL_RANK under torchrun)
         wait_s: float | None = None) -> dict:  # how long to wait for another process's claim (None: while it lives)
     "Train (unless cached) and evaluate (unless cached); returns {'spec', 'dir', 'evals': {ekey: result}}."
     from alignlora.errors import disk_full_guard
@@ -576,39 +631,48 @@ def run(spec: RunSpec,                       # what to train
     evals = list(evals)
     for e in evals:
         if not isinstance(e, EvalSpec): raise TypeError(f"evals must be EvalSpec objects (make_eval(...)), got {e!r}")
-    d = runs_dir(runs_dir_) / spec.key
+    d, device = runs_dir(runs_dir_) / spec.key, device or spec.device
+    rank, world = _rank_world()     # under torchrun: all ranks train together; rank 0 alone claims, writes, evaluates
     model = tok = None
-    with disk_full_guard(d, after="finished runs and evaluations are untouched; rerun to continue "
-                                  "(training resumes from its last good checkpoint)"):
-        if spec.method != "base":
-            train_data = data_sha256(spec.tasks, "train", data_dir)
-            if run_status(spec, runs_dir_, train_data) != "trained":
-                with Claim(d.with_name(d.name + ".lock"), f"run {spec.key} ({spec.label})", wait_s=wait_s):
-                    st = run_status(spec, runs_dir_, train_data)   # whoever we waited for may have finished it
-                    if st in ("corrupt", "stale"):
-                        _move_aside(d, st, f"run {spec.key}: " + ("files do not match their TRAINED record" if st == "corrupt"
-                                                                  else "trained on other data than the data folder holds now"))
-                    if st != "trained":
-                        d.mkdir(parents=True, exist_ok=True); _write_spec(d, spec)
-                        model, tok = _train_run(spec, d, data_dir, device, data_hash=train_data)
-        out = {"spec": spec, "dir": d, "evals": {}}
-        for e in evals:
-            f, edata = d / "eval" / f"{e.key}.json", data_sha256(expand_tasks(e.tasks), "eval", data_dir)
-            rec = _served_eval(f, edata)
-            if rec is None:
-                with Claim(f.with_suffix(".lock"), f"evaluation {e.key} of run {spec.key} ({spec.label})", wait_s=wait_s):
-                    rec = _served_eval(f, edata, fix=True)
-                    if rec is None:
-                        if model is None: model, tok = load_run(spec, runs_dir_, device)
-                        rec = _evaluate(model, tok, e, data_dir)
-                        d.mkdir(parents=True, exist_ok=True); _write_spec(d, spec)
-                        body = json.dumps(rec, indent=1, sort_keys=True, default=str) + "\n"
-                        atomic_write(f, body)   # then its record, last: a kill in between leaves 'partial', redone
-                        atomic_json(f.with_suffix(".done"), dict(format=RECORD_FORMAT, data_sha256=edata, finished=time.time(),
-                                                                 sha256=hashlib.sha256(body.encode()).hexdigest()))
-                        rec = json.loads(body)
-            out["evals"][e.key] = rec
+    try:
+        with disk_full_guard(d, after="finished runs and evaluations are untouched; rerun to continue "
+                                      "(training resumes from its last good checkpoint)"):
+            if spec.method != "base":
+                train_data = data_sha256(spec.tasks, "train", data_dir)
+                if _rank0_decides(run_status(spec, runs_dir_, train_data) != "trained", world):
+                    claim = Claim(d.with_name(d.name + ".lock"), f"run {spec.key} ({spec.label})", wait_s=wait_s) \
+                        if rank == 0 else contextlib.nullcontext()
+                    with claim:
+                        st = run_status(spec, runs_dir_, train_data) if rank == 0 else None   # the holder may have finished it
+                        if st in ("corrupt", "stale"):
+                            _move_aside(d, st, f"run {spec.key}: " + ("files do not match their TRAINED record" if st == "corrupt"
+                                                                      else "trained on other data than the data folder holds now"))
+                        if rank == 0 and st != "trained": d.mkdir(parents=True, exist_ok=True); _write_spec(d, spec)
+                        if _rank0_decides(st != "trained", world):
+                            model, tok = _train_run(spec, d, data_dir, device, data_hash=train_data, record=rank == 0)
+            out = {"spec": spec, "dir": d, "evals": {}}
+            if rank != 0: model = tok = None; _free_memory()   # rank 0 evaluates; the others wait for its records
+            for e in evals:
+                f, edata = d / "eval" / f"{e.key}.json", data_sha256(expand_tasks(e.tasks), "eval", data_dir)
+                rec = _served_eval(f, edata)
+                while rec is None and rank != 0: time.sleep(1.0); rec = _served_eval(f, edata)
+                if rec is None:
+                    with Claim(f.with_suffix(".lock"), f"evaluation {e.key} of run {spec.key} ({spec.label})", wait_s=wait_s):
+                        rec = _served_eval(f, edata, fix=True)
+                        if rec is None:
+                            if model is None: model, tok = load_run(spec, runs_dir_, device)
+                            rec = _evaluate(model, tok, e, data_dir)
+                            d.mkdir(parents=True, exist_ok=True); _write_spec(d, spec)
+                            body = json.dumps(rec, indent=1, sort_keys=True, default=str) + "\n"
+                            atomic_write(f, body)   # then its record, last: a kill in between leaves 'partial', redone
+                            atomic_json(f.with_suffix(".done"), dict(format=RECORD_FORMAT, data_sha256=edata, finished=time.time(),
+                                                                     sha256=hashlib.sha256(body.encode()).hexdigest()))
+                            rec = json.loads(body)
+                out["evals"][e.key] = rec
+    finally:
+        model = tok = None; _free_memory()   # the next run loads into freed memory
     return out
+
 
 # %% ../nbs/06_experiments.ipynb #68f29c74
 def _tidy(spec: RunSpec, ekey: str, rec: dict) -> list[dict]:
@@ -622,7 +686,7 @@ def _tidy(spec: RunSpec, ekey: str, rec: dict) -> list[dict]:
     return rows
 
 def run_grid(specs: Iterable[RunSpec], evals: Iterable[EvalSpec] = (), runs_dir_=None, data_dir=None,
-             device: str = "cpu", progress: bool = True,
+             device: str | None = None, progress: bool = True,   # None: each spec's device class
              wait_s: float | None = None) -> pd.DataFrame:  # a number: skip (and report) runs busy elsewhere that long
     "Run every spec (cached ones cost nothing) and return the tidy results frame."
     from tqdm.auto import tqdm
@@ -781,3 +845,32 @@ def write_index(results_root: str | Path) -> Path:
         wt, _ = read_table(prof / "walltimes.csv")
         parts.append(f"\n### Wall time\n\n{_md_table(wt)}\n\nTotal: {wt.wall_s.sum()/60:.1f} min\n")
     return atomic_write(root / "README.md", "".join(parts))
+
+# %% ../nbs/06_experiments.ipynb #46426b81
+def memory_table(models=("qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "llama3-8b"),  # registered models with a config
+                 method: str = "lora",   # the adapter (its trainable parameters)
+                 rows: int | None = None,    # rows per micro-batch (None: the paper profile's k × 5 tasks)
+                 max_length: int | None = None,  # tokens per row (None: the paper profile's)
+                 ) -> pd.DataFrame:
+    "Per model, GB for weights, adapters + AdamW, activations without / with checkpointing, and logits (see above)."
+    from alignlora.models import meta_model
+    from alignlora.adapters import add_adapters
+    from alignlora.methods import get_method
+    p = PROFILES["paper"]
+    rows, max_length = rows or p.k * 5, max_length or p.max_length
+    tokens, GB, out = rows * max_length, 1e9, []
+    for name in models:
+        m = meta_model(name); c = m.config
+        h, inter, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+        kv = c.num_key_value_heads * (h // c.num_attention_heads)
+        add_adapters(m, get_method(method))
+        base = sum(q.numel() for q in m.parameters() if not q.requires_grad)
+        trainable = sum(q.numel() for q in m.parameters() if q.requires_grad)
+        per_layer = 2 * (6 * h + 2 * kv + 4 * inter) + 4 * (h + inter)      # bytes per token and layer
+        out.append(dict(model=name, params_b=round(base / 1e9, 2), weights_bf16_gb=round(2 * base / GB, 1),
+                        adapters_adamw_gb=round(16 * trainable / GB, 2), tokens=tokens,
+                        activations_gb=round(per_layer * L * tokens / GB, 1),
+                        activations_checkpointed_gb=round((2 * h * L + per_layer) * tokens / GB, 1),
+                        logits_all_positions_gb=round(6 * V * tokens / GB, 1),
+                        logits_per_answer_token_mb=round(6 * V / 1e6, 2)))
+    return pd.DataFrame(out).set_index("model")

@@ -14,8 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .errors import nearest, unknown_name
 
 # %% auto #0
-__all__ = ['TINY_CONFIG', 'MODELS', 'cache_dir', 'smollm2_gguf', 'hub_offline', 'ModelEntry', 'check_model_name', 'model_config',
-           'meta_model', 'smollm2_dir', 'load_model']
+__all__ = ['TINY_CONFIG', 'MODELS', 'MODEL_PATHS_ENV', 'cache_dir', 'smollm2_gguf', 'hub_offline', 'ModelEntry',
+           'check_model_name', 'model_config', 'meta_model', 'smollm2_dir', 'resolve_device', 'model_paths',
+           'load_model']
 
 # %% ../nbs/00_models.ipynb #58f4b749
 def cache_dir() -> Path:
@@ -78,7 +79,7 @@ def check_model_name(name) -> str:
     "`name` as a string; a bare name (no '/') that is neither registered nor a folder but close to a registered one is a typo."
     if not isinstance(name, (str, Path)): raise TypeError(f"model must be a registry name, a folder or a hub id, got {name!r}")
     name = str(name)
-    if name in MODELS or "/" in name or Path(name).expanduser().exists(): return name
+    if name in MODELS or "/" in name or Path(name).expanduser().exists() or name in model_paths(): return name
     if nearest(name, MODELS):
         raise unknown_name("model", name, MODELS, "model", fix="A hub id is written 'organisation/name'; a folder must exist.")
     return name
@@ -133,6 +134,29 @@ def smollm2_dir() -> Path:
                                 f"or put a converted folder at {out} (ALIGNLORA_CACHE moves it).")
     return _convert_gguf(g, out)
 
+# %% ../nbs/00_models.ipynb #1f96c1d5
+MODEL_PATHS_ENV = "ALIGNLORA_MODELS"
+
+def resolve_device(device: str | torch.device) -> str | torch.device:
+    "`cuda` → `cuda:$LOCAL_RANK` under torchrun (one GPU per rank); anything else unchanged."
+    if str(device) == "cuda" and "LOCAL_RANK" in os.environ: return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+def model_paths() -> dict[str, Path]:
+    "Registry names mapped to local folders by `$ALIGNLORA_MODELS` (`name=/path,name2=/path2`)."
+    raw, out = os.environ.get(MODEL_PATHS_ENV, ""), {}
+    for item in filter(None, (s.strip() for s in raw.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"{MODEL_PATHS_ENV}={raw!r}: entry {item!r} is not name=/path; write e.g. "
+                             f"{MODEL_PATHS_ENV}=qwen2.5-7b=/weights/q7,llama3-8b=/weights/l8")
+        p = Path(path.strip()).expanduser()
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{MODEL_PATHS_ENV} maps {name.strip()!r} to {str(p)!r}, which holds no config.json: "
+                                    "point it at a transformers model folder (save_pretrained / huggingface-cli download --local-dir).")
+        out[name.strip()] = p
+    return out
+
 # %% ../nbs/00_models.ipynb #51b35c8f
 def _tiny(dtype, seed: int = 0):
     cfg = model_config("tiny")
@@ -143,10 +167,17 @@ def _tiny(dtype, seed: int = 0):
     finally: g.__exit__(None, None, None)
     return m, AutoTokenizer.from_pretrained(smollm2_dir())
 
-def _from_hub(hub_id: str, dtype, **kw):
-    if hub_offline():
-        raise OSError(f"{hub_id!r} needs the hub but HF_HUB_OFFLINE is set; give a local folder instead "
-                      "(load_model('/path/to/model')), or unset HF_HUB_OFFLINE on a machine with network.")
+def _from_hub(hub_id: str, dtype, name: str | None = None, **kw):
+    if hub_offline():   # an offline compute node: the local Hugging Face cache (pre-filled with `huggingface-cli download`)
+        try:
+            tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
+            return AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=True, **kw), tok
+        except OSError as e:
+            from huggingface_hub import constants
+            raise OSError(f"{hub_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE "
+                          f"is set ({type(e).__name__}: {str(e)[:160]}). Fix: on a machine with network run "
+                          f"`huggingface-cli download {hub_id}` with the same HF_HOME, or map the name to a folder with "
+                          f"{MODEL_PATHS_ENV}={name or hub_id}=/path/to/model, or pass the folder to load_model.") from None
     # fail fast rather than hang when the hub is unreachable
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10"); os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
     try:
@@ -164,7 +195,11 @@ def load_model(name_or_path: str = "smollm2-135m", # registry name, local folder
     "Load `(model, tokenizer)` by registry name, local folder or hub id; never hangs on the network."
     name = check_model_name(name_or_path)
     if not isinstance(dtype, torch.dtype): raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
-    if name in MODELS:
+    device = resolve_device(device)
+    if name in model_paths():                       # $ALIGNLORA_MODELS: this name's weights are in a local folder
+        d = model_paths()[name]
+        m, tok = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kw), AutoTokenizer.from_pretrained(d)
+    elif name in MODELS:
         e = MODELS[name]
         if e.licence: warnings.warn(f"{name}: {e.licence}")
         if e.source == "tiny": m, tok = _tiny(dtype, seed)
@@ -178,7 +213,7 @@ def load_model(name_or_path: str = "smollm2-135m", # registry name, local folder
             else:
                 d = smollm2_dir()
                 m, tok = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kw), AutoTokenizer.from_pretrained(d)
-        else: m, tok = _from_hub(e.hub_id, dtype, **kw)
+        else: m, tok = _from_hub(e.hub_id, dtype, name, **kw)
     elif Path(name).expanduser().exists():
         d = Path(name).expanduser()
         m, tok = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kw), AutoTokenizer.from_pretrained(d)

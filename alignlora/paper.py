@@ -139,6 +139,11 @@ class PaperContext:
     def eval(self, tasks, protocol: str = "generate", **kw):
         "An EvalSpec at this profile's scale."
         return make_eval(self.profile, tasks, protocol, **kw)
+    def load_model(self, **kw):
+        "This context's base model in the profile's dtype, on its device (`cuda:$LOCAL_RANK` under torchrun)."
+        import torch
+        from alignlora.models import load_model
+        return load_model(self.model, dtype=getattr(torch, self.profile.dtype), device=self.profile.device, **kw)
     def grid(self, methods, tasks, evals, **kw):
         "Run methods × seeds on `tasks` (cached) and return the tidy frame."
         specs = [self.spec(m, tasks, seed=s, **kw) for m in methods for s in self.seeds]

@@ -23,8 +23,8 @@ from .align import align_loss, align_groups, check_align_samples, check_align_gr
 # %% auto #0
 __all__ = ['IGNORE', 'SEGMENT_ATTENTION', 'ALIGN_MASKS', 'PAPER_TRAINING', 'RUN_FOLDER_FILES', 'shift_labels', 'pad_collate',
            'pack_collate', 'unpack', 'segment_sdpa', 'segment_attention', 'BalancedBatches', 'alignment_mask',
-           'check_alignment', 'AlignTrainer', 'TrainResult', 'check_train_args', 'StopOnNonFinite',
-           'last_good_checkpoint', 'train', 'batch_align_loss']
+           'check_alignment', 'check_checkpointing', 'pin_single_process', 'AlignTrainer', 'TrainResult',
+           'check_train_args', 'StopOnNonFinite', 'last_good_checkpoint', 'train', 'batch_align_loss']
 
 # %% ../nbs/04_train.ipynb #cb47c8c4
 IGNORE = -100  # label of positions that carry no loss
@@ -117,7 +117,7 @@ def segment_sdpa(module: torch.nn.Module,                   # attention layer (t
     R, H, T, D = query.shape
     if cu_seq_lens_q is None or key.shape[2] != T:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
+    bounds = getattr(cu_seq_lens_q, "host_bounds", None) or cu_seq_lens_q.tolist()   # host copy: no sync per layer
     if bounds[0] != 0 or bounds[-1] != R * T:
         raise ValueError(f"cu_seq_lens_q must run from 0 to rows·T = {R * T}, got {bounds[0]} … {bounds[-1]}; "
                          "build packed batches with pack_collate.")
@@ -216,6 +216,28 @@ def check_alignment(kind: str | None, lam: float, adapter_config=None, k: int | 
     if k is not None and lam > 0: check_align_samples(kind, k * grad_accum)   # the statistics span one optimizer step
     return kind, lam
 
+# %% ../nbs/04_train.ipynb #eb86ba2b
+def check_checkpointing(align: str | None,   # the alignment kind (None: no alignment)
+                        args) -> None:       # `TrainingArguments` or the keyword dict given to `train`
+    "Refuse reentrant gradient checkpointing with alignment: it silently drops the alignment gradient."
+    get = args.get if isinstance(args, dict) else lambda k, v=None: getattr(args, k, v)
+    on = get("gradient_checkpointing", False) or get("activation_checkpointing", False)   # transformers 5 renames
+    kw = get("gradient_checkpointing_kwargs") or get("activation_checkpointing_kwargs") or {}
+    if align is not None and on and kw.get("use_reentrant", False):
+        raise ValueError("gradient_checkpointing_kwargs={'use_reentrant': True} with alignment: reentrant "
+                         "checkpointing recomputes layers outside the graph of the captured features, so the "
+                         "alignment gradient is silently dropped. Use {'use_reentrant': False} (the default).")
+
+def pin_single_process(args: TrainingArguments) -> TrainingArguments:
+    "Without torchrun on a machine with several GPUs, train on the first one instead of `nn.DataParallel`."
+    from transformers.training_args import ParallelMode
+    if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        warnings.warn(f"{args.n_gpu} GPUs visible to one process: nn.DataParallel would split packed micro-batches "
+                      f"and their segment boundaries, so training runs on {args.device} only. To use every GPU, "
+                      "launch with `torchrun --nproc_per_node N`; to choose one, set CUDA_VISIBLE_DEVICES.")
+        args._n_gpu = 1
+    return args
+
 # %% ../nbs/04_train.ipynb #e70a9cf2
 def _rng_state(device: torch.device) -> tuple:
     "The generator states dropout draws from: the CPU's, and the current CUDA device's."
@@ -290,6 +312,8 @@ class AlignTrainer(Trainer):
                  per_sequence_attention: bool = True,      # packed batches: one causal sdpa per sequence (`segment_sdpa`)
                  align_groups: str = "task",               # 'task' (paper) | 'positional' (released trainer)
                  **kwargs):
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None: pin_single_process(targs)
         super().__init__(*args, **kwargs)
         ds = self.train_dataset
         if task_sizes is None and ds is not None:
@@ -309,6 +333,7 @@ class AlignTrainer(Trainer):
         self.align, self.align_lambda = check_alignment(align, align_lambda, adapter_cfg, self.k, pack, align_mask, ga,
                                                         align_groups)
         if self.align_lambda == 0: self.align = None
+        check_checkpointing(self.align, self.args)
         self.align_pool, self.align_mask, self.align_groups = align_pool, align_mask, align_groups
         self.align_samples = self.k * ga                  # per task and optimizer step, on this rank
         self._step_shares: list[_StepShare] = []
@@ -328,9 +353,14 @@ class AlignTrainer(Trainer):
 
     # ---- data ----
     def collate(self, features):
-        "The micro-batch collator: packed or padded."
-        if self.pack: return pack_collate(features, self.pad_token_id, self.pack_max_tokens)
-        return pad_collate(features, self.pad_token_id)
+        "The micro-batch collator: packed or padded, plus host-side counts and indices (no device sync later)."
+        b = pack_collate(features, self.pad_token_id, self.pack_max_tokens) if self.pack else pad_collate(features, self.pad_token_id)
+        real = b.get("unpack_mask", b["attention_mask"] if not self.pack else None)
+        b["real_tokens"] = int(real.sum())                                         # built on the CPU
+        if "cu_seq_lens" in b: b["cu_seq_bounds"] = b["cu_seq_lens"].tolist()
+        keep = b["shift_labels"] != IGNORE
+        if keep.shape[0] == 1: b["logits_index"] = keep[0].nonzero().flatten()
+        return b
 
     def get_train_dataloader(self) -> DataLoader:
         "Balanced batches for this rank: k examples of every task in every micro-batch."
@@ -352,7 +382,9 @@ class AlignTrainer(Trainer):
         "The model's keyword arguments for a micro-batch, and whether it attends per packed sequence."
         fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
         per_seq = self.per_sequence_attention and inputs.get("cu_seq_lens") is not None
-        if per_seq: fwd["cu_seq_lens_q"] = inputs["cu_seq_lens"]   # the 4-D mask stays: exact on any other attention
+        if per_seq:
+            fwd["cu_seq_lens_q"] = inputs["cu_seq_lens"]   # the 4-D mask stays: exact on any other attention
+            if "cu_seq_bounds" in inputs: inputs["cu_seq_lens"].host_bounds = list(inputs["cu_seq_bounds"])
         return fwd, per_seq
 
     def _groups(self, task_ids: torch.Tensor) -> torch.Tensor:
@@ -380,7 +412,8 @@ class AlignTrainer(Trainer):
         fwd, per_seq = self._forward_args(inputs)
         keep = shifted != IGNORE
         if self.supervised_logits:   # one packed row: 1-D positions (any transformers 5.x); else a [rows, T] bool mask
-            fwd["logits_to_keep"] = keep[0].nonzero().flatten() if keep.shape[0] == 1 else keep
+            fwd["logits_to_keep"] = (inputs["logits_index"] if "logits_index" in inputs else keep[0].nonzero().flatten()) \
+                if keep.shape[0] == 1 else keep
         unwrapped = self.accelerator.unwrap_model(model)
         aligning = self.align is not None and model.training
         if aligning and getattr(self, "_step_batches", None):
@@ -417,13 +450,15 @@ class AlignTrainer(Trainer):
                 groups = self._groups(task_ids)
                 al = self._align_value(feats, groups, alignment_mask(*rows, self.align_mask), task_ids)
                 loss = loss + self.align_lambda * al
-                self._align_samples = int(torch.bincount(groups).min())
-        if model.training:
-            um = inputs.get("unpack_mask")
-            real = int(um.sum()) if um is not None else int(inputs["attention_mask"].sum())
+                self._align_samples = torch.bincount(groups).min()   # read at logging time
+        if model.training:   # running sums stay on the device: no sync per micro-batch
+            real = inputs.get("real_tokens")
+            if real is None: um = inputs.get("unpack_mask"); real = int(um.sum() if um is not None else inputs["attention_mask"].sum())
             self.real_tokens += real
-            self._sums += torch.tensor([ce_sum.item(), n_sup.item(), al.item() if al is not None else 0.0,
-                                        1.0 if al is not None else 0.0, real], dtype=torch.float64)
+            z = ce_sum.new_zeros((), dtype=torch.float64)
+            a = (al.detach().double(), z + 1) if al is not None else (z, z)
+            if self._sums.device != z.device: self._sums = self._sums.to(z.device)
+            self._sums += torch.stack([ce_sum.detach().double(), n_sup.double(), a[0], a[1], z + real])
         return (loss, out) if return_outputs else loss
 
     # ---- logs ----
@@ -436,7 +471,8 @@ class AlignTrainer(Trainer):
             logs["lm_loss"] = s[0] / max(s[1], 1)
             if self.align is not None:
                 logs["align_loss"] = s[2] / max(s[3], 1)           # mean over the steps since the last log
-                logs["align_samples"] = getattr(self, "_align_samples", None)
+                n = getattr(self, "_align_samples", None)
+                logs["align_samples"] = int(n) if n is not None else None
             logs["tokens"] = int(s[4])
             self._sums.zero_()
         super().log(logs, start_time)
@@ -652,6 +688,7 @@ def train(model_name: str,                      # `load_model` name / folder (or
     groups = align_groups or getattr(m, "align_groups", "task")
     kind, lam = check_alignment(kind, lam or 0.0, getattr(m, "adapter", None), k, pack, align_mask, ga, groups)
     if kind is not None and len(task_names) < 2: raise ValueError("alignment needs at least 2 tasks.")
+    check_checkpointing(kind if lam else None, training_args)
 
     # model + adapters (seeded init)
     if isinstance(model_name, str): model, tok = load_model(model_name, dtype=dtype, device=device)
@@ -730,6 +767,7 @@ def train(model_name: str,                      # `load_model` name / folder (or
         (partial / "fingerprint.json").unlink(missing_ok=True)
         _finalise(partial, output_dir, overwrite)
     trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.free_memory()   # the Accelerator's references to model and optimizer: freed with the result
     if tmp_root is not None: shutil.rmtree(tmp_root, ignore_errors=True)
     return TrainResult(model=model, tokenizer=tok, output_dir=output_dir, log=logger.rows, metrics=metrics,
                        config=config, method=m)
