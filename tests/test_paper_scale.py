@@ -5,6 +5,7 @@ import copy, gc, json, os, subprocess, sys, textwrap, weakref
 from pathlib import Path
 
 import pytest
+from _dist import torchrun_ranks
 import torch
 import torch.nn.functional as F
 
@@ -254,12 +255,7 @@ RUN_DDP_SCRIPT = textwrap.dedent('''
 
 
 def test_torchrun_run_evaluates_on_rank0_once(tmp_path):
-    script = tmp_path / "ddp_run.py"; script.write_text(RUN_DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
-                        str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
+    r0, r1 = torchrun_ranks(RUN_DDP_SCRIPT, tmp_path, port=29523, timeout=900)
     assert r0["evals"] == r1["evals"] and len(r0["evals"]) == 1       # both ranks finish with rank 0's result
     assert r0["calls"] == {"train": 1, "evaluate": 1} and r1["calls"] == {"train": 1, "evaluate": 0}   # trained together
     runs = [d for d in (tmp_path / "runs").iterdir()]

@@ -3,6 +3,7 @@ import json, os, subprocess, sys, textwrap
 from pathlib import Path
 
 import pytest
+from _dist import torchrun_ranks
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -68,12 +69,7 @@ DDP_SCRIPT = textwrap.dedent('''
 
 
 def test_torchrun_ddp(tmp_path):
-    script = tmp_path / "ddp_train.py"; script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                        str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
+    r0, r1 = torchrun_ranks(DDP_SCRIPT, tmp_path, port=29517)
     assert r0["world"] == 2
     for r in (r0, r1):
         assert len(r["seen"]) == 8              # 4 steps × GA 2 micro-batches on each rank (epoch: 48 rows / 12 = 4)
