@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 # %% auto #0
-__all__ = ['ALIGN_KINDS', 'ALIGN_POOLS', 'MMD_BANDWIDTHS', 'DEFAULT_LAMBDA', 'KL_EPS', 'KL_MIN_SAMPLES', 'ALIGN_GROUPS',
-           'KERNEL_MIN_EXPONENT', 'MMD_FUSE_ELEMENTS', 'check_align_args', 'AlignSpec', 'check_align_samples',
-           'check_align_groups', 'align_groups', 'align_loss', 'released_mmd_bytes']
+__all__ = ['ALIGN_KINDS', 'ALIGN_POOLS', 'MMD_BANDWIDTHS', 'DEFAULT_LAMBDA', 'KL_EPS', 'KL_MIN_SHARE', 'KL_MIN_SAMPLES',
+           'ALIGN_GROUPS', 'KERNEL_MIN_EXPONENT', 'MMD_FUSE_ELEMENTS', 'check_align_args', 'AlignSpec',
+           'check_align_samples', 'check_align_groups', 'align_groups', 'align_loss', 'released_mmd_bytes']
 
 # %% ../nbs/03_align.ipynb #b50959de
 ALIGN_KINDS = ("kl", "mmd")   # A-LoRA-K, A-LoRA-M
@@ -21,6 +21,7 @@ ALIGN_POOLS = ("token", "mean")
 MMD_BANDWIDTHS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1, 5, 10, 15, 20, 25, 30, 35, 100, 1e3, 1e4, 1e5, 1e6)
 DEFAULT_LAMBDA = {"kl": 0.2, "mmd": 0.01}   # the authors' scripts
 KL_EPS = 1e-8                               # added to every variance
+KL_MIN_SHARE = 0.5  # KL: a position counts for a task when ≥ this share of its samples (and ≥ 2) are valid there
 
 def _check_kind(kind):
     if kind not in ALIGN_KINDS:
@@ -180,7 +181,7 @@ class _TaskMoments(torch.autograd.Function):
             g = g + 2 * dev * torch.einsum("tbs,tsr->bsr", Wf, g_var / (n - 1).clamp(min=1))
             return g.to(x.dtype), None
 
-def _kl_layer(x: torch.Tensor, Wf: torch.Tensor, iu: torch.Tensor):
+def _kl_layer(x: torch.Tensor, Wf: torch.Tensor, iu: torch.Tensor, min_share: float | None = None):
     "Symmetric KL for task pairs `iu` (i < j) at every position: (value [P, S], valid [P, S]). Wf: 0/1 [T, B, S]."
     mu, var = _TaskMoments.apply(x, Wf)
     var = var + KL_EPS
@@ -188,7 +189,10 @@ def _kl_layer(x: torch.Tensor, Wf: torch.Tensor, iu: torch.Tensor):
     delta2 = (mu[i] - mu[j]) ** 2                                     # [P, S, r]
     vi, vj = var[i], var[j]
     sym = 0.25 * ((vi + delta2) / vj + (vj + delta2) / vi - 2).sum(-1)   # [P, S]
-    ok = Wf.sum(1) >= 2
+    n_valid = Wf.sum(1)                                               # [T, S] valid samples per position
+    n_task = Wf.amax(2).sum(1, keepdim=True)                          # [T, 1] samples with any valid position
+    share = KL_MIN_SHARE if min_share is None else min_share          # read at call time (the module's setting)
+    ok = n_valid >= (share * n_task).ceil().clamp(min=2)
     return sym, ok[i] & ok[j]
 
 # %% ../nbs/03_align.ipynb #9be1d08b
@@ -269,14 +273,18 @@ def align_loss(features: Sequence[torch.Tensor] | torch.Tensor,  # one [batch, s
                num_tasks: int | None = None,           # if given, every task 0..num_tasks-1 must be in the batch
                bandwidths: Sequence[float] = MMD_BANDWIDTHS,  # MMD kernel bandwidths σ (not squared)
                fuse: bool = True,                      # all layers in one computation (exact; False: layer by layer)
+               kl_min_share: float | None = None,      # KL: share of a task's samples a position needs (None: `KL_MIN_SHARE`)
               ) -> torch.Tensor:
     "Align-LoRA's loss: distance between every pair of tasks' features, averaged over pairs and layers (fp32 scalar)."
     _check_kind(kind); _check_pool(pool)
+    if kl_min_share is not None and not (isinstance(kl_min_share, (int, float)) and 0 <= kl_min_share <= 1):
+        raise ValueError(f"kl_min_share must be a number in [0, 1] (the share of a task's samples a position needs), "
+                         f"got {kl_min_share!r}; None uses KL_MIN_SHARE = {KL_MIN_SHARE}, 0 counts every position with ≥ 2.")
     feats = _as_layers(features)
     with _no_autocast(feats[0]):   # fp32 (fp64) math whatever autocast encloses the call
-        return _align_loss(feats, task_ids, kind, mask, pool, num_tasks, bandwidths, fuse)
+        return _align_loss(feats, task_ids, kind, mask, pool, num_tasks, bandwidths, fuse, kl_min_share)
 
-def _align_loss(feats, task_ids, kind, mask, pool, num_tasks, bandwidths, fuse) -> torch.Tensor:
+def _align_loss(feats, task_ids, kind, mask, pool, num_tasks, bandwidths, fuse, kl_min_share=None) -> torch.Tensor:
     B, S = feats[0].shape[:2]
     W, _ = _task_weights(task_ids, mask, B, S, kind, num_tasks, feats[0].device)
     if pool == "mean":
@@ -305,7 +313,7 @@ def _align_loss(feats, task_ids, kind, mask, pool, num_tasks, bandwidths, fuse) 
         dt = _compute_dtype(x.dtype)
         if (dt, rep) not in weights:   # MMD: W[t, b, s] = onehot[t, b] · mask[b, s] (each sample has one task)
             weights[dt, rep] = W.to(dt) if kind == "kl" else (W.any(2).to(dt), W.any(0).T.repeat(rep, 1).to(dt))
-        if kind == "kl": val, ok = _kl_layer(x, weights[dt, rep], iu)      # pairs i < j: [P, S]
+        if kind == "kl": val, ok = _kl_layer(x, weights[dt, rep], iu, kl_min_share)   # pairs i < j: [P, S]
         else: val, ok = _mmd_layer(x, *weights[dt, rep], iu, bandwidths)
         n_pos = ok.sum(1)
         per_pair = torch.where(ok, val, 0).sum(1) / n_pos.clamp(min=1)

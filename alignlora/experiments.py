@@ -17,12 +17,12 @@ import pandas as pd
 # %% auto #0
 __all__ = ['PROFILES', 'AUTHORS_SCHEDULES', 'R_LORA_FAMILY', 'DTYPE_ALIASES', 'DTYPES', 'DEVICE_CLASSES', 'TRAIN_ARGS', 'CALLS',
            'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'atomic_write', 'atomic_json', 'Profile',
-           'profile_train_args', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec', 'device_class',
-           'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'paired_bootstrap', 'fmt_pm',
-           'verdict', 'hardware', 'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure',
-           'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'run',
-           'run_grid', 'collect', 'per_example', 'claim_row', 'write_claims', 'project_root', 'paper_notebooks',
-           'reproduce', 'reproduce_cli', 'write_index', 'memory_table']
+           'profile_train_args', 'profile_dtype', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec',
+           'device_class', 'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'paired_bootstrap',
+           'fmt_pm', 'verdict', 'hardware', 'data_manifest_hash', 'provenance', 'write_table', 'read_table',
+           'save_figure', 'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run',
+           'eval_status', 'run', 'run_grid', 'collect', 'per_example', 'claim_row', 'write_claims', 'project_root',
+           'paper_notebooks', 'reproduce', 'reproduce_cli', 'write_index', 'memory_table']
 
 # %% ../nbs/06_experiments.ipynb #40fe7225
 def atomic_write(path: str | Path,     # target file
@@ -56,6 +56,7 @@ class Profile:
     lr: float = 2e-4              # learning rate (paper: 2e-4)
     max_length: int = 512         # max tokens per training row (answer always kept)
     eval_limit: int | None = None # evaluation rows per task (None = all)
+    loglik_limit: int | None = None # rows per task under the loglik protocol (None = eval_limit; it is the cheaper protocol)
     gsm8k_limit: int | None = None# evaluation rows for GSM8K
     bbh_limit: int | None = None  # rows per BBH subtask
     max_new_tokens: int = 128     # generation cap of GSM8K (paper: 128 for every task)
@@ -63,7 +64,7 @@ class Profile:
     bbh_max_new_tokens: int = 256 # generation cap on BBH (paper: 256)
     seeds: tuple = (0,)           # default seeds
     eval_batch_size: int = 16
-    dtype: str = "float32"        # float32 on CPU; bfloat16 on GPU
+    dtype: str = "float32"        # float32 | bfloat16 | auto (bf16 where the device has bf16 units: `resolve_dtype`)
     device: str = "cpu"
     gradient_checkpointing: bool = False  # paper: on (the authors' script); recomputes each layer in backward
     authors_schedules: bool = False       # paper: each method family's schedule from the authors' scripts
@@ -102,6 +103,11 @@ def profile_train_args(p: "Profile", method: str) -> tuple:
     if p.authors_schedules and method != "base":
         kw.update(AUTHORS_SCHEDULES["r-lora" if method in R_LORA_FAMILY else "default"])
     return tuple(sorted(kw.items()))
+
+def profile_dtype(p: "Profile") -> str:
+    "The dtype runs of profile `p` use on this machine (`auto` resolved by `alignlora.models.resolve_dtype`)."
+    from alignlora.models import resolve_dtype
+    return resolve_dtype(p.dtype, device_class(p.device))
 
 def get_profile(name: str | Profile) -> Profile:
     "A profile by name (or pass one through)."
@@ -247,7 +253,7 @@ def make_spec(profile: str | Profile,       # profile giving model and training 
     one = lambda v: (v,) if isinstance(v, str) else tuple(v)   # one name given as a string is a list of one
     return RunSpec(model=p.model, method=method, tasks=one(tasks), seed=seed, overrides=tuple(sorted(overrides.items())),
                    n_train=p.n_train, k=p.k, max_steps=p.max_steps, grad_accum=p.grad_accum, lr=p.lr,
-                   max_length=p.max_length, target_modules=one(target_modules), dtype=p.dtype,
+                   max_length=p.max_length, target_modules=one(target_modules), dtype=profile_dtype(p),
                    device=device_class(p.device), train_args=profile_train_args(p, method))
 
 def make_eval(profile: str | Profile, tasks: Iterable[str], protocol: str = "generate", **kw) -> EvalSpec:
@@ -259,7 +265,8 @@ def make_eval(profile: str | Profile, tasks: Iterable[str], protocol: str = "gen
         kw["max_new_tokens"] = p.label_max_new_tokens
         kw["caps"] = tuple((t, p.max_new_tokens if t == "gsm8k" else p.bbh_max_new_tokens) for t in tasks
                            if t == "gsm8k" or t.startswith("bbh"))
-    return EvalSpec(tasks=tasks, protocol=protocol, limit=p.eval_limit, limits=limits, batch_size=p.eval_batch_size, **kw)
+    limit = p.loglik_limit if protocol == "loglik" and p.loglik_limit else p.eval_limit
+    return EvalSpec(tasks=tasks, protocol=protocol, limit=limit, limits=limits, batch_size=p.eval_batch_size, **kw)
 
 def grid(base: dict,                        # fixed make_spec arguments (profile, tasks, ...)
          **axes) -> list[RunSpec]:          # each a list of values, e.g. method=[...], seed=[0, 1]

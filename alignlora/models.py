@@ -14,9 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .errors import nearest, unknown_name
 
 # %% auto #0
-__all__ = ['TINY_CONFIG', 'MODELS', 'MODEL_PATHS_ENV', 'cache_dir', 'smollm2_gguf', 'hub_offline', 'ModelEntry',
+__all__ = ['TINY_CONFIG', 'MODELS', 'MODEL_PATHS_ENV', 'BF16_CPU_FLAGS', 'cache_dir', 'smollm2_gguf', 'hub_offline', 'ModelEntry',
            'check_model_name', 'model_config', 'meta_model', 'smollm2_dir', 'resolve_device', 'model_paths',
-           'load_model']
+           'cpu_flags', 'resolve_dtype', 'load_model']
 
 # %% ../nbs/00_models.ipynb #58f4b749
 def cache_dir() -> Path:
@@ -156,6 +156,25 @@ def model_paths() -> dict[str, Path]:
                                     "point it at a transformers model folder (save_pretrained / huggingface-cli download --local-dir).")
         out[name.strip()] = p
     return out
+
+# %% ../nbs/00_models.ipynb #e8369844
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")   # CPU flags of bf16 matrix units (Intel AMX, AVX512-BF16)
+
+def cpu_flags() -> set[str]:
+    "The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read, e.g. not Linux)."
+    try: text = Path("/proc/cpuinfo").read_text()
+    except OSError: return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+def resolve_dtype(dtype: str,                  # 'auto', or a dtype name: 'float32', 'bfloat16', 'float16'
+                  device: str = "cpu",         # the device class the run uses
+                  flags: set[str] | None = None) -> str:  # CPU flags (None: this machine's)
+    "'auto' → 'bfloat16' where the device has bf16 matrix units (CPU flags, CUDA support), else 'float32'."
+    if dtype != "auto": return dtype
+    if str(device).startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    units = set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else set(flags))
+    return "bfloat16" if units else "float32"
 
 # %% ../nbs/00_models.ipynb #51b35c8f
 def _tiny(dtype, seed: int = 0):

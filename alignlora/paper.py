@@ -115,7 +115,8 @@ def correctness(df_runs: pd.DataFrame, runs_dir, method_label: str, tasks, by: s
 import os, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from .experiments import get_profile, provenance, write_table, write_claims, save_figure, make_spec, make_eval, run_grid, Profile
+from .experiments import (get_profile, provenance, write_table, write_claims, save_figure, make_spec, make_eval,
+                                  run_grid, Profile, profile_dtype)
 
 @dataclass
 class PaperContext:
@@ -131,7 +132,7 @@ class PaperContext:
     def prov(self, **extra) -> dict:
         "Provenance for a results file written now."
         return provenance(self.profile.name, model=self.model, seeds=self.seeds, wall_s=time.time() - self.t0,
-                          data_dir=self.data_dir, **extra)
+                          data_dir=self.data_dir, dtype=profile_dtype(self.profile), **extra)
     def spec(self, method: str, tasks, seed: int = 0, **kw):
         "A RunSpec at this profile's scale (model override applied)."
         from dataclasses import replace
@@ -143,7 +144,7 @@ class PaperContext:
         "This context's base model in the profile's dtype, on its device (`cuda:$LOCAL_RANK` under torchrun)."
         import torch
         from alignlora.models import load_model
-        return load_model(self.model, dtype=getattr(torch, self.profile.dtype), device=self.profile.device, **kw)
+        return load_model(self.model, dtype=getattr(torch, profile_dtype(self.profile)), device=self.profile.device, **kw)
     def grid(self, methods, tasks, evals, **kw):
         "Run methods × seeds on `tasks` (cached) and return the tidy frame."
         specs = [self.spec(m, tasks, seed=s, **kw) for m in methods for s in self.seeds]

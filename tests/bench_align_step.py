@@ -7,7 +7,7 @@ One optimizer step's forward + backward (no optimiser update) through `AlignTrai
 Variants are interleaved per repeat (the CPU is shared) and medians reported; peak memory is the process's peak RSS,
 reset before each variant through /proc/self/clear_refs (CPU), or CUDA max_memory_allocated. Not a pytest test.
 
-Run: HF_HUB_OFFLINE=1 ALIGNLORA_DATA=../shared/data .venv/bin/python tests/bench_align_step.py [--repeats 3]
+Run: HF_HUB_OFFLINE=1 ALIGNLORA_DATA=../shared/data .venv/bin/python tests/bench_align_step.py [--repeats 3] [--checkpointing]
 """
 import argparse, os, statistics, sys, tempfile, time
 from pathlib import Path
@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", default="lora,align-lora-kl,align-lora-mmd")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="gradient checkpointing on (non-reentrant), as the paper profile trains")
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     model, tok = load_model(a.model)
@@ -59,6 +61,7 @@ def main():
     for name in a.methods.split(","):
         m, _ = load_model(a.model); torch.manual_seed(0); meth = get_method(name); add_adapters(m, meth)
         m.alignlora_method = meth; models[name] = m
+        if a.checkpointing: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for lay, (_, k, ga) in layouts.items():
             args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=k * len(PAPER_TASKS),
                                      gradient_accumulation_steps=ga, report_to=[], use_cpu=not torch.cuda.is_available())
@@ -81,7 +84,8 @@ def main():
             s, p = step(*v); times[v].append(s); mem[v] = max(mem[v], p)
     ref = {lay: statistics.median(times["lora", lay]) for lay in layouts}
     print(f"{a.model}, {len(PAPER_TASKS)} tasks x {a.k * a.ga} rows per step ({tokens} real tokens), "
-          f"{a.repeats} repeats, medians; threads {torch.get_num_threads()}")
+          f"{a.repeats} repeats, medians; threads {torch.get_num_threads()}; "
+          f"gradient checkpointing {'on' if a.checkpointing else 'off'}")
     print("| method | layout | s/step | spread | vs lora, same layout | vs lora GA=1 | peak MB |")
     print("|---|---|---|---|---|---|---|")
     for (name, lay) in variants:

@@ -30,7 +30,7 @@ def _mmd(a, b):
     kxy = np.mean([_k(u, v) for u in a for v in b])
     return kxx + kyy - 2 * kxy
 
-def reference(features, task_ids, kind, mask=None, pool="token"):
+def reference(features, task_ids, kind, mask=None, pool="token", min_share=0.5):
     feats = [np.asarray(f.detach().double().numpy()) for f in features]
     tids = list(np.asarray(task_ids))
     B, S = feats[0].shape[:2]
@@ -42,13 +42,16 @@ def reference(features, task_ids, kind, mask=None, pool="token"):
             groups = [{t: [f[b][m[b]].mean(0) for b in range(B) if tids[b] == t and m[b].any()] for t in tasks}]
         else:
             groups = [{t: [f[b, s] for b in range(B) if tids[b] == t and m[b, s]] for t in tasks} for s in range(S)]
+        # KL: a position counts for a task when at least half its samples (those with any valid position), and
+        # at least 2, are valid there; MMD: when one is
+        n_any = {t: sum(1 for b in range(B) if tids[b] == t and m[b].any()) for t in tasks}
+        need = {t: max(2, math.ceil(min_share * n_any[t])) if kind == "kl" else 1 for t in tasks}
         pair_vals = []
         for i, j in itertools.combinations(tasks, 2):
             vals = []
             for g in groups:
                 a, b = np.array(g[i]), np.array(g[j])
-                need = 2 if kind == "kl" else 1
-                if len(a) < need or len(b) < need: continue
+                if len(a) < need[i] or len(b) < need[j]: continue
                 vals.append(_sym_kl(a, b) if kind == "kl" else _mmd(a, b))
             if vals: pair_vals.append(np.mean(vals))
         layer_vals.append(np.mean(pair_vals) if pair_vals else 0.0)
@@ -94,6 +97,23 @@ def test_kl_skips_positions_with_fewer_than_two_valid_samples():
     ref_drop = reference([f[:, keep] for f in feats], tids, "kl")
     assert abs(ref - ref_drop) < 1e-12
     assert abs(align_loss(feats, tids, "kl", mask=mask).item() - ref) <= 1e-5 * ref
+
+
+@pytest.mark.parametrize("min_share", [None, 0.0, 0.75])
+def test_kl_position_floor_matches_reference(min_share):
+    # 8 samples per task and ragged masks: positions hold 1..8 valid samples of a task
+    g = torch.Generator().manual_seed(5)
+    tids = torch.arange(3).repeat_interleave(8)
+    feats = [torch.randn(24, 7, 3, generator=g, dtype=torch.float64) + 0.4 * tids[:, None, None] for _ in range(2)]
+    lengths = torch.randint(1, 8, (24,), generator=g)
+    mask = torch.arange(7)[None] < lengths[:, None]
+    ref = reference(feats, tids, "kl", mask, min_share=0.5 if min_share is None else min_share)
+    got = align_loss(feats, tids, "kl", mask=mask, kl_min_share=min_share)
+    assert abs(got.item() - ref) <= 1e-10 * abs(ref), (got.item(), ref)
+    if min_share is None:   # the floor changes the loss here (positions with 2 or 3 valid samples of a task)
+        assert abs(ref - reference(feats, tids, "kl", mask, min_share=0.0)) > 1e-3 * abs(ref)
+    assert torch.autograd.gradcheck(lambda *f: align_loss(list(f), tids, "kl", mask=mask, kl_min_share=min_share),
+                                    tuple(f.clone().requires_grad_() for f in feats))
 
 
 def test_masked_positions_do_not_matter_and_unsorted_task_ids():
