@@ -19,10 +19,10 @@ __all__ = ['PROFILES', 'AUTHORS_SCHEDULES', 'R_LORA_FAMILY', 'DTYPE_ALIASES', 'D
            'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'CLAIM_COLUMNS', 'atomic_write', 'atomic_json',
            'Profile', 'profile_train_args', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec',
            'device_class', 'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'boot_summary',
-           'paired_bootstrap', 'mde', 'fmt_pm', 'verdict', 'hardware', 'data_manifest_hash', 'provenance',
-           'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere',
-           'Claim', 'load_run', 'eval_status', 'run', 'run_grid', 'collect', 'per_example', 'printed_match',
-           'claim_row', 'write_claims', 'holm', 'adjust_claims', 'adjust_claim_files', 'project_root',
+           'paired_bootstrap', 'mde', 'fmt_pm', 'verdict', 'bootstrap_rows', 'hardware', 'data_manifest_hash',
+           'provenance', 'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status', 'data_sha256',
+           'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'run', 'run_grid', 'collect', 'per_example',
+           'printed_match', 'claim_row', 'write_claims', 'holm', 'adjust_claims', 'adjust_claim_files', 'project_root',
            'paper_notebooks', 'reproduce', 'reproduce_cli', 'claims_summary', 'write_index', 'memory_table']
 
 # %% ../nbs/06_experiments.ipynb #40fe7225
@@ -322,6 +322,18 @@ def verdict(paper_diff: float,   # the paper's difference (only its sign is used
     if lo > 0 and paper_diff > 0 or hi < 0 and paper_diff < 0: return "supported"
     if lo > 0 and paper_diff < 0 or hi < 0 and paper_diff > 0: return "contradicted"
     return "inconclusive"
+
+
+# %% ../nbs/06_experiments.ipynb #0e5065c9
+def bootstrap_rows(stat,                     # stat(indices) -> float, on rows resampled together (paired)
+                   n: int,                   # number of rows
+                   n_boot: int = 10_000, conf: float = 0.95, seed: int = 0) -> dict:
+    "Bootstrap of an arbitrary statistic over n paired rows: estimate, interval, p-values, SE (see `boot_summary`)."
+    if n < 1: raise ValueError("bootstrap_rows needs at least one row")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boot = np.array([stat(ix) for ix in idx], float)
+    boot = boot[np.isfinite(boot)]
+    return boot_summary(boot, float(stat(np.arange(n))), n, conf)
 
 
 # %% ../nbs/06_experiments.ipynb #17031563
@@ -787,6 +799,8 @@ def claim_row(claim: str,                   # what is claimed, e.g. 'M-LoRA > Hy
     if direction is None: direction = 0 if paper is None else int(np.sign(paper))
     row["paper"] = round(paper, 2) if paper is not None else {1: "> 0 (sign only)", -1: "< 0 (sign only)"}.get(direction, "–")
     if ours is None: return row | dict(verdict="not measured", n=0)
+    if kind == "descriptive" and not isinstance(ours, dict):   # a number without an interval
+        return row | dict(ours=round(float(ours), 4), interval="–", verdict="descriptive")
     row |= _effect(paper, ours, direction or 1, scale)
     if kind == "descriptive": row |= dict(verdict="descriptive", ratio=np.nan)
     elif direction == 0: raise ValueError(f"{claim}: an effect claim needs the paper's sign (paper or direction)")
