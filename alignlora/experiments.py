@@ -854,7 +854,7 @@ def adjust_claim_files(profile_dir: str | Path,   # a results/<profile> folder
         name = f.stem.removeprefix("claims_")
         write_table(both[both._file == f.name].drop(columns="_file").reset_index(drop=True), f.stem, f.parent, prov,
                     title=f"Claims checked in {name}",
-                    notes=f"p_adjusted / adjusted_verdict: Holm across all {int((both.kind == 'effect').sum())} effect claims "
+                    notes=f"p_adjusted / adjusted_verdict: Holm across all {int(both.p_adjusted.notna().sum())} effect claims "
                           f"of this profile (α = {alpha}).")
     return both.drop(columns="_file")
 
