@@ -332,8 +332,9 @@ def bootstrap_rows(stat,                     # stat(indices) -> float, on rows r
     if n < 1: raise ValueError("bootstrap_rows needs at least one row")
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     boot = np.array([stat(ix) for ix in idx], float)
-    boot = boot[np.isfinite(boot)]
-    return boot_summary(boot, float(stat(np.arange(n))), n, conf)
+    boot, est = boot[np.isfinite(boot)], float(stat(np.arange(n)))
+    if len(boot) < 2: return dict(diff=est, lo=np.nan, hi=np.nan, p=np.nan, p_two_sided=np.nan, se=np.nan, n=int(n))
+    return boot_summary(boot, est, n, conf)
 
 
 # %% ../nbs/06_experiments.ipynb #17031563
@@ -773,7 +774,8 @@ def _effect(paper, ours, direction, scale) -> dict:
         lo, hi = d - z * se, d + z * se
         p = float(2 * stats.norm.sf(abs(d) / se)) if se > 0 else float(d == 0)
     else: lo, hi, p = ours["lo"] * scale, ours["hi"] * scale, ours["p_two_sided"]
-    return dict(ours=round(d, 3), interval=f"[{lo:.2f}, {hi:.2f}]", n=ours["n"], p=round(p, 4), mde=round(mde(se), 3),
+    nd = 2 if scale >= 100 else 4   # accuracy points, else the statistic's own (small) units
+    return dict(ours=round(d, nd + 1), interval=f"[{lo:.{nd}f}, {hi:.{nd}f}]", n=ours["n"], p=round(p, 4), mde=round(mde(se), nd + 1),
                 ratio=round(d / paper, 2) if paper else np.nan, verdict=verdict(direction, dict(lo=lo, hi=hi), scale=1))
 
 def claim_row(claim: str,                   # what is claimed, e.g. 'M-LoRA > HydraLoRA (Avg)'
@@ -800,7 +802,7 @@ def claim_row(claim: str,                   # what is claimed, e.g. 'M-LoRA > Hy
     row["paper"] = round(paper, 2) if paper is not None else {1: "> 0 (sign only)", -1: "< 0 (sign only)"}.get(direction, "–")
     if ours is None: return row | dict(verdict="not measured", n=0)
     if kind == "descriptive" and not isinstance(ours, dict):   # a number without an interval
-        return row | dict(ours=round(float(ours), 4), interval="–", verdict="descriptive")
+        return row | dict(ours=round(float(ours), 4), interval="–", n=0, verdict="descriptive")
     row |= _effect(paper, ours, direction or 1, scale)
     if kind == "descriptive": row |= dict(verdict="descriptive", ratio=np.nan)
     elif direction == 0: raise ValueError(f"{claim}: an effect claim needs the paper's sign (paper or direction)")
