@@ -775,7 +775,8 @@ def _effect(paper, ours, direction, scale) -> dict:
         p = float(2 * stats.norm.sf(abs(d) / se)) if se > 0 else float(d == 0)
     else: lo, hi, p = ours["lo"] * scale, ours["hi"] * scale, ours["p_two_sided"]
     nd = 2 if scale >= 100 else 4   # accuracy points, else the statistic's own (small) units
-    return dict(ours=round(d, nd + 1), interval=f"[{lo:.{nd}f}, {hi:.{nd}f}]", n=ours["n"], p=round(p, 4), mde=round(mde(se), nd + 1),
+    return dict(ours=round(d, nd + 1), interval=f"[{lo:.{nd}f}, {hi:.{nd}f}]", n=ours["n"], p=round(p, 4),
+                mde=round(mde(se), nd + 1) if se > 0 else np.nan,   # no row differs: no spread, nothing to size
                 ratio=round(d / paper, 2) if paper else np.nan, verdict=verdict(direction, dict(lo=lo, hi=hi), scale=1))
 
 def claim_row(claim: str,                   # what is claimed, e.g. 'M-LoRA > HydraLoRA (Avg)'
@@ -830,6 +831,7 @@ def _normalise_claims(df: pd.DataFrame) -> pd.DataFrame:
     for c in CLAIM_COLUMNS:
         if c not in df: df[c] = np.nan
     df["adjusted_verdict"] = df.adjusted_verdict.astype(object)
+    df["n"] = pd.to_numeric(df.n, errors="coerce").round().astype("Int64")
     return df[CLAIM_COLUMNS + [c for c in df if c not in CLAIM_COLUMNS]]
 
 def adjust_claims(df: pd.DataFrame,         # claims rows (CLAIM_COLUMNS), possibly from several notebooks
