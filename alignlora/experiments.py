@@ -962,7 +962,7 @@ def claims_summary(df: pd.DataFrame) -> str:
     rows = []
     for t, sub in eff.groupby("table", sort=False):
         m, paper = pd.to_numeric(sub.mde, errors="coerce"), pd.to_numeric(sub.paper, errors="coerce").abs()
-        rows.append(dict(table=t, effect_claims=len(sub), median_mde=round(m.median(), 2) if m.notna().any() else np.nan,
+        rows.append(dict(table=t, effect_claims=len(sub), median_mde=float(f"{m.median():.3g}") if m.notna().any() else np.nan,
                          median_abs_paper_diff=round(paper.median(), 2) if paper.notna().any() else "sign only",
                          detectable=int((paper.notna() & (m.reindex(paper.index) <= paper)).sum())))
     if rows:
