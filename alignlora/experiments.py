@@ -16,13 +16,15 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['PROFILES', 'AUTHORS_SCHEDULES', 'R_LORA_FAMILY', 'DTYPE_ALIASES', 'DTYPES', 'DEVICE_CLASSES', 'TRAIN_ARGS', 'CALLS',
-           'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'atomic_write', 'atomic_json', 'Profile',
-           'profile_train_args', 'profile_dtype', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec',
-           'device_class', 'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'paired_bootstrap',
-           'fmt_pm', 'verdict', 'hardware', 'data_manifest_hash', 'provenance', 'write_table', 'read_table',
-           'save_figure', 'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run',
-           'eval_status', 'run', 'run_grid', 'collect', 'per_example', 'claim_row', 'write_claims', 'project_root',
-           'paper_notebooks', 'reproduce', 'reproduce_cli', 'write_index', 'memory_table']
+           'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'CLAIM_COLUMNS', 'atomic_write', 'atomic_json',
+           'Profile', 'profile_train_args', 'profile_dtype', 'get_profile', 'checked_profile', 'check_run_spec',
+           'check_eval_spec', 'device_class', 'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval',
+           'boot_summary', 'paired_bootstrap', 'mde', 'fmt_pm', 'verdict', 'bootstrap_rows', 'hardware',
+           'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status',
+           'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'run', 'run_grid', 'collect',
+           'per_example', 'printed_match', 'claim_row', 'write_claims', 'holm', 'adjust_claims', 'adjust_claim_files',
+           'project_root', 'paper_notebooks', 'reproduce', 'reproduce_cli', 'claims_summary', 'write_index',
+           'memory_table']
 
 # %% ../nbs/06_experiments.ipynb #40fe7225
 def atomic_write(path: str | Path,     # target file
@@ -284,34 +286,64 @@ def seed_interval(values: Iterable[float],  # one number per seed
     if len(v) < 2: return float(v.mean()), None
     return float(v.mean()), float(stats.t.ppf(0.5 + conf / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
+def boot_summary(boot: np.ndarray,        # B resampled values of the statistic
+                 estimate: float,          # the statistic on the original sample
+                 n: int,                   # rows behind it
+                 conf: float = 0.95) -> dict:
+    "Percentile interval, one- and two-sided p-values (against 0) and bootstrap SE of a bootstrap distribution."
+    lo, hi = np.quantile(boot, [(1 - conf) / 2, 1 - (1 - conf) / 2])
+    below, above = float(np.mean(boot <= 0)), float(np.mean(boot >= 0))
+    p = (below if estimate > 0 else above) if estimate != 0 else 1.0
+    return dict(diff=float(estimate), lo=float(lo), hi=float(hi), p=float(p), p_two_sided=min(1.0, 2 * min(below, above)),
+                se=float(np.std(boot, ddof=1)), n=int(n))
+
 def paired_bootstrap(a: Iterable[float],    # per-row scores of method A (0/1 correctness)
                      b: Iterable[float],    # per-row scores of method B on the same rows, same order
                      n_boot: int = 10_000,  # resamples
                      conf: float = 0.95,
                      seed: int = 0) -> dict:
-    "Paired bootstrap of mean(a) − mean(b): difference, interval and one-sided p-value."
+    "Paired bootstrap of mean(a) − mean(b): difference, interval, p-values and bootstrap SE."
     a, b = np.asarray(list(a), float), np.asarray(list(b), float)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise ValueError(f"paired_bootstrap needs two equal-length, non-empty score lists (got {a.shape} and {b.shape})")
     d = a - b
     idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
-    boot = d[idx].mean(1)
-    lo, hi = np.quantile(boot, [(1 - conf) / 2, 1 - (1 - conf) / 2])
-    diff = float(d.mean())
-    p = float(np.mean(boot <= 0) if diff > 0 else np.mean(boot >= 0)) if diff != 0 else 1.0
-    return dict(diff=diff, lo=float(lo), hi=float(hi), p=p, n=len(d))
+    return boot_summary(d[idx].mean(1), float(d.mean()), len(d), conf)
+
+def mde(se: float,                 # standard error of the difference
+        alpha: float = 0.05,       # two-sided level
+        power: float = 0.8) -> float:
+    "Minimum detectable effect (z_{1-α/2} + z_{power}) · SE."
+    from scipy import stats
+    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se)
 
 def fmt_pm(mean: float, hw: float | None, scale: float = 100, nd: int = 1) -> str:
     "`81.9 ± 1.2` (or `81.9` without an interval)."
     if mean is None or (isinstance(mean, float) and math.isnan(mean)): return "–"
     return f"{mean*scale:.{nd}f}" + (f" ± {hw*scale:.{nd}f}" if hw is not None else "")
 
-def verdict(paper_diff: float, ours: dict, scale: float = 100) -> str:
-    "A claim check computed from numbers: does our interval support the paper's sign?"
+def verdict(paper_diff: float,   # the paper's difference (only its sign is used)
+            ours: dict,          # {'lo', 'hi'}: our interval for the same difference
+            scale: float = 100) -> str:
+    "supported / contradicted: our interval excludes 0 on the paper's side / the other side; else inconclusive."
     lo, hi = ours["lo"] * scale, ours["hi"] * scale
     if lo > 0 and paper_diff > 0 or hi < 0 and paper_diff < 0: return "supported"
     if lo > 0 and paper_diff < 0 or hi < 0 and paper_diff > 0: return "contradicted"
-    return "within noise"
+    return "inconclusive"
+
+
+# %% ../nbs/06_experiments.ipynb #0e5065c9
+def bootstrap_rows(stat,                     # stat(indices) -> float, on rows resampled together (paired)
+                   n: int,                   # number of rows
+                   n_boot: int = 10_000, conf: float = 0.95, seed: int = 0) -> dict:
+    "Bootstrap of an arbitrary statistic over n paired rows: estimate, interval, p-values, SE (see `boot_summary`)."
+    if n < 1: raise ValueError("bootstrap_rows needs at least one row")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boot = np.array([stat(ix) for ix in idx], float)
+    boot, est = boot[np.isfinite(boot)], float(stat(np.arange(n)))
+    if len(boot) < 2: return dict(diff=est, lo=np.nan, hi=np.nan, p=np.nan, p_two_sided=np.nan, se=np.nan, n=int(n))
+    return boot_summary(boot, est, n, conf)
+
 
 # %% ../nbs/06_experiments.ipynb #17031563
 def _git_commit() -> str:
@@ -731,19 +763,113 @@ def per_example(runs_dir_, spec: RunSpec, ekey: str, task: str) -> dict:
     return {i: float(c) for i, c in rec["results"][task]["per_example"]}
 
 # %% ../nbs/06_experiments.ipynb #3c7693fe
-def claim_row(claim: str,                   # e.g. 'M-LoRA > HydraLoRA on Avg'
-              paper_diff: float,            # the paper's difference, in points
-              ours: dict | None,            # paired_bootstrap result (fractions), or None when not measured
-              table: str = "") -> dict:
-    "One line of a claims table: the paper's difference, ours with its interval, and the verdict."
-    if ours is None:
-        return dict(table=table, claim=claim, paper=round(paper_diff, 2), ours="–", interval="–", n=0, verdict="not measured")
-    return dict(table=table, claim=claim, paper=round(paper_diff, 2), ours=round(ours["diff"] * 100, 2),
-                interval=f"[{ours['lo']*100:.1f}, {ours['hi']*100:.1f}]", n=ours["n"], verdict=verdict(paper_diff, ours))
+CLAIM_COLUMNS = ["table", "claim", "kind", "paper", "ours", "interval", "n", "p", "mde", "ratio", "verdict",
+                 "p_adjusted", "adjusted_verdict", "note"]
+
+def printed_match(ours: float, printed: float, decimals: int = 2) -> bool:
+    "Is `ours`, rounded or truncated to `decimals`, the printed value?"
+    if ours is None or printed is None or not (np.isfinite(ours) and np.isfinite(printed)): return False
+    f = 10 ** decimals
+    return bool(abs(round(ours, decimals) - printed) < 0.5 / f / 100 or abs(math.floor(ours * f + 1e-9) / f - printed) < 0.5 / f / 100)
+
+def _effect(paper, ours, direction, scale) -> dict:
+    from scipy import stats
+    z = stats.norm.ppf(0.975)
+    d, se = ours["diff"] * scale, ours["se"] * scale
+    seeds = [x for x in ours.get("seed_diffs") or [] if np.isfinite(x)]
+    if len(seeds) >= 2:   # training noise across seeds on top of the row resampling's SE
+        se = math.sqrt(se ** 2 + np.var(np.asarray(seeds) * scale, ddof=1) / len(seeds))
+        lo, hi = d - z * se, d + z * se
+        p = float(2 * stats.norm.sf(abs(d) / se)) if se > 0 else float(d == 0)
+    else: lo, hi, p = ours["lo"] * scale, ours["hi"] * scale, ours["p_two_sided"]
+    nd = 2 if scale >= 100 else 4   # accuracy points, else the statistic's own (small) units
+    return dict(ours=round(d, nd + 1), interval=f"[{lo:.{nd}f}, {hi:.{nd}f}]", n=ours["n"], p=round(p, 4),
+                mde=round(mde(se), nd + 1) if se > 0 else np.nan,   # no row differs: no spread, nothing to size
+                ratio=round(d / paper, 2) if paper else np.nan, verdict=verdict(direction, dict(lo=lo, hi=hi), scale=1))
+
+def claim_row(claim: str,                   # what is claimed, e.g. 'M-LoRA > HydraLoRA (Avg)'
+              paper: float | None,          # effect: the paper's difference (None: it gives only a sign); exact: the printed value
+              ours: dict | float | None,    # effect/descriptive: paired_bootstrap-style dict (+ optional seed_diffs); exact: our value
+              table: str = "",              # which table or figure
+              kind: str = "effect",         # 'effect' | 'exact' | 'descriptive'
+              direction: int | None = None, # effect: the sign the paper claims (default: the sign of `paper`)
+              scale: float = 100,           # effect: ours × scale is in the paper's units (fractions → points)
+              decimals: int = 2,            # exact: decimals the paper prints
+              stated: bool = True,          # exact: the paper states the setting behind its value
+              inconsistent: str = "",       # exact: how the paper's own numbers disagree ('' if they do not)
+              note: str = "") -> dict:      # free text carried into the row
+    "One row of a claims table (columns CLAIM_COLUMNS) with its verdict computed from the numbers."
+    if kind not in ("effect", "exact", "descriptive"): raise ValueError(f"claim kind {kind!r}: effect, exact or descriptive")
+    row = dict.fromkeys(CLAIM_COLUMNS, np.nan) | dict(table=table, claim=claim, kind=kind, note=note, adjusted_verdict="")
+    if kind == "exact":
+        ours = np.nan if ours is None else float(ours)
+        v = ("not comparable" if not stated else "not measured" if not np.isfinite(ours) else "match"
+             if printed_match(ours, paper, decimals) else "paper inconsistent" if inconsistent else "mismatch")
+        return row | dict(paper=paper, ours=round(ours, 3), interval="exact", n=0, verdict=v,
+                          note="; ".join(x for x in (inconsistent if v == "paper inconsistent" else "", note) if x))
+    if direction is None: direction = 0 if paper is None else int(np.sign(paper))
+    row["paper"] = round(paper, 2) if paper is not None else {1: "> 0 (sign only)", -1: "< 0 (sign only)"}.get(direction, "–")
+    if ours is None: return row | dict(verdict="not measured", n=0)
+    if kind == "descriptive" and not isinstance(ours, dict):   # a number without an interval
+        return row | dict(ours=round(float(ours), 4), interval="–", n=0, verdict="descriptive")
+    row |= _effect(paper, ours, direction or 1, scale)
+    if kind == "descriptive": row |= dict(verdict="descriptive", ratio=np.nan)
+    elif direction == 0: raise ValueError(f"{claim}: an effect claim needs the paper's sign (paper or direction)")
+    return row
 
 def write_claims(rows: list[dict], name: str, results_dir, prov: dict):
-    "Write `claims_<name>.csv/.md`."
-    return write_table(pd.DataFrame(rows), f"claims_{name}", results_dir, prov, title=f"Claims checked in {name}")
+    "Write `claims_<name>.csv/.md` (columns CLAIM_COLUMNS; adjusted columns are filled by `adjust_claim_files`)."
+    return write_table(pd.DataFrame(rows, columns=CLAIM_COLUMNS), f"claims_{name}", results_dir, prov, title=f"Claims checked in {name}")
+
+
+# %% ../nbs/06_experiments.ipynb #557b412d
+def holm(p: Iterable[float]) -> np.ndarray:
+    "Holm step-down adjusted p-values, in the input order."
+    p = np.asarray(list(p), float); m = len(p)
+    out, running = np.empty(m), 0.0
+    for k, i in enumerate(np.argsort(p, kind="stable")):
+        running = max(running, min(1.0, (m - k) * p[i])); out[i] = running
+    return out
+
+def _normalise_claims(df: pd.DataFrame) -> pd.DataFrame:
+    "Claims frames in CLAIM_COLUMNS (files written before claim kinds existed: kind from the interval)."
+    df = df.copy()
+    if "kind" not in df: df["kind"] = np.where(df.get("interval", "").astype(str) == "exact", "exact", "effect")
+    if "verdict" in df: df["verdict"] = df.verdict.replace({"within noise": "inconclusive"})
+    for c in CLAIM_COLUMNS:
+        if c not in df: df[c] = np.nan
+    df["adjusted_verdict"] = df.adjusted_verdict.astype(object)
+    df["n"] = pd.to_numeric(df.n, errors="coerce").round().astype("Int64")
+    return df[CLAIM_COLUMNS + [c for c in df if c not in CLAIM_COLUMNS]]
+
+def adjust_claims(df: pd.DataFrame,         # claims rows (CLAIM_COLUMNS), possibly from several notebooks
+                  alpha: float = 0.05) -> pd.DataFrame:
+    "Holm across the frame's effect claims with a p-value: fills `p_adjusted` and `adjusted_verdict`."
+    df = _normalise_claims(df)
+    fam = (df.kind == "effect") & pd.to_numeric(df.p, errors="coerce").notna()
+    df["p_adjusted"] = np.nan; df["adjusted_verdict"] = ""
+    if fam.any():
+        padj = holm(pd.to_numeric(df.loc[fam, "p"]))
+        df.loc[fam, "p_adjusted"] = np.round(padj, 4)
+        decisive = df.loc[fam, "verdict"].isin(["supported", "contradicted"]).to_numpy() & (padj <= alpha)
+        df.loc[fam, "adjusted_verdict"] = np.where(decisive, df.loc[fam, "verdict"], "inconclusive")
+    return df
+
+def adjust_claim_files(profile_dir: str | Path,   # a results/<profile> folder
+                       alpha: float = 0.05) -> pd.DataFrame:
+    "Adjust every claims_*.csv of a profile as one family; rewrite each file (csv + md) with the adjusted columns."
+    files = sorted(Path(profile_dir).glob("claims_*.csv"))
+    if not files: return pd.DataFrame(columns=CLAIM_COLUMNS)
+    parts = [(f, *read_table(f)) for f in files]
+    both = adjust_claims(pd.concat([df.assign(_file=f.name) for f, df, _ in parts], ignore_index=True), alpha)
+    for f, _, prov in parts:
+        name = f.stem.removeprefix("claims_")
+        write_table(both[both._file == f.name].drop(columns="_file").reset_index(drop=True), f.stem, f.parent, prov,
+                    title=f"Claims checked in {name}",
+                    notes=f"p_adjusted / adjusted_verdict: Holm across all {int(both.p_adjusted.notna().sum())} effect claims "
+                          f"of this profile (α = {alpha}).")
+    return both.drop(columns="_file")
+
 
 # %% ../nbs/06_experiments.ipynb #204210aa
 def project_root() -> Path:
@@ -806,6 +932,7 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
                     notes="wall_s: the latest execution of each notebook; new_runs / new_evals: what it computed (0 = all "
                           "from the run cache, so its wall time is not a cold-cache figure).")
     if not times: merged = old
+    adjust_claim_files(results_dir)   # Holm across every notebook's effect claims of this profile
     write_index(results_dir.parent)
     return merged
 
@@ -827,6 +954,31 @@ def reproduce_cli(argv=None):
         print(e, file=sys.stderr); raise SystemExit(1)
 
 # %% ../nbs/06_experiments.ipynb #86761c88
+def _count(s: pd.Series, names) -> str:
+    return ", ".join(f"{int((s == v).sum())} {v}" for v in names)
+
+def claims_summary(df: pd.DataFrame) -> str:
+    "Markdown: claim counts by kind, and per table the MDE this profile reaches beside the paper's effect sizes."
+    df = _normalise_claims(df)
+    eff, exact = df[df.kind == "effect"], df[df.kind == "exact"]
+    out = [f"- **effect** ({len(eff)}): {_count(eff.verdict, ['supported', 'contradicted', 'inconclusive'])}"
+           + (f", {int((eff.verdict == 'not measured').sum())} not measured" if (eff.verdict == "not measured").any() else "")
+           + f"; after Holm across the profile's effect claims: {_count(eff.adjusted_verdict, ['supported', 'contradicted', 'inconclusive'])}",
+           f"- **exact** ({len(exact)}): {_count(exact.verdict, ['match', 'mismatch', 'not comparable', 'paper inconsistent'])}"
+           + (f", {int((exact.verdict == 'not measured').sum())} not measured" if (exact.verdict == "not measured").any() else ""),
+           f"- **descriptive** (not counted): {int((df.kind == 'descriptive').sum())}"]
+    rows = []
+    for t, sub in eff.groupby("table", sort=False):
+        m, paper = pd.to_numeric(sub.mde, errors="coerce"), pd.to_numeric(sub.paper, errors="coerce").abs()
+        rows.append(dict(table=t, effect_claims=len(sub), median_mde=float(f"{m.median():.3g}") if m.notna().any() else np.nan,
+                         median_abs_paper_diff=round(paper.median(), 2) if paper.notna().any() else "sign only",
+                         detectable=int((paper.notna() & (m.reindex(paper.index) <= paper)).sum())))
+    if rows:
+        out.append("\nMinimum detectable effect this profile reaches (80% power, two-sided 5%; median over each table's "
+                   "effect claims) next to the paper's effect sizes (median |paper diff|; `detectable`: claims whose "
+                   "paper difference is at least our MDE):\n\n" + _md_table(pd.DataFrame(rows)))
+    return "\n".join(out) + "\n"
+
 def write_index(results_root: str | Path) -> Path:
     "Rebuild `<results_root>/README.md` from the profile folders under it."
     root = Path(results_root)
@@ -838,10 +990,8 @@ def write_index(results_root: str | Path) -> Path:
         if prof.name in PROFILES: parts.append(f"{PROFILES[prof.name].note}\n")
         claims = sorted(prof.glob("claims_*.csv"))
         if claims:
-            df = pd.concat([read_table(c)[0] for c in claims], ignore_index=True)
-            parts.append(f"\n### Claims ({(df.verdict == 'supported').sum()} supported, "
-                         f"{(df.verdict == 'contradicted').sum()} contradicted, {(df.verdict == 'within noise').sum()} within noise, "
-                         f"{(df.verdict == 'not measured').sum()} not measured)\n\n" + _md_table(df) + "\n")
+            df = _normalise_claims(pd.concat([read_table(c)[0] for c in claims], ignore_index=True))
+            parts.append("\n### Claims\n\n" + claims_summary(df) + "\n" + _md_table(df) + "\n")
         parts.append("\n### Artefacts\n")
         for f in sorted(prof.glob("*.md")):
             if f.name.startswith("claims_") or f.name == "walltimes.md": continue
@@ -852,6 +1002,7 @@ def write_index(results_root: str | Path) -> Path:
         wt, _ = read_table(prof / "walltimes.csv")
         parts.append(f"\n### Wall time\n\n{_md_table(wt)}\n\nTotal: {wt.wall_s.sum()/60:.1f} min\n")
     return atomic_write(root / "README.md", "".join(parts))
+
 
 # %% ../nbs/06_experiments.ipynb #46426b81
 def memory_table(models=("qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "llama3-8b"),  # registered models with a config

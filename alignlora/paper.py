@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .experiments import seed_interval, fmt_pm
+from .experiments import seed_interval, fmt_pm, boot_summary
 
 # %% auto #0
 __all__ = ['FIVE', 'PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_TABLE3', 'PAPER_TABLE4', 'PAPER_TABLE5', 'accuracy_table',
-           'paired_tasks', 'correctness', 'PaperContext', 'paper_context', 'pct_param', 'training_diagnostics']
+           'paired_tasks', 'seed_diffs', 'method_diff', 'correctness', 'PaperContext', 'paper_context', 'pct_param',
+           'rank_reproducing', 'training_diagnostics']
 
 # %% ../nbs/07_paper.ipynb #1ab6324d
 FIVE = ["qnli", "piqa", "winogrande", "arc", "gsm8k"]
@@ -83,9 +84,11 @@ def accuracy_table(df: pd.DataFrame,              # tidy frame from run_grid / c
         rows.append(row)
     return pd.DataFrame(rows).set_index(by)
 
-def paired_tasks(a: dict, b: dict,                # {task: {example id: correctness}} of two methods (seed-averaged)
+def paired_tasks(a: dict,                       # {task: {example id: correctness}} of method A (seed-averaged)
+                 b: dict | None,                # the same for method B; None: the macro average of A itself
                  n_boot: int = 10_000, seed: int = 0, conf: float = 0.95) -> dict:
     "Paired bootstrap of the macro-average difference over tasks, resampling rows within each task."
+    if b is None: b = {t: dict.fromkeys(d, 0.0) for t, d in a.items()}
     tasks = [t for t in a if t in b]
     if not tasks: raise ValueError("paired_tasks: the two methods share no task")
     rng = np.random.default_rng(seed); boots = np.zeros(n_boot); diff = 0.0; n = 0
@@ -95,9 +98,19 @@ def paired_tasks(a: dict, b: dict,                # {task: {example id: correctn
         d = np.array([a[t][i] - b[t][i] for i in ids])
         boots += d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1) / len(tasks)
         diff += d.mean() / len(tasks); n += len(d)
-    lo, hi = np.quantile(boots, [(1 - conf) / 2, 1 - (1 - conf) / 2])
-    p = float(np.mean(boots <= 0) if diff > 0 else np.mean(boots >= 0)) if diff != 0 else 1.0
-    return dict(diff=float(diff), lo=float(lo), hi=float(hi), p=p, n=n)
+    return boot_summary(boots, diff, n, conf)
+
+def seed_diffs(df: pd.DataFrame, a: str, b: str, tasks, by: str = "method", value: str = "acc") -> list[float]:
+    "Per seed both methods ran: macro average of `a` minus that of `b` (fractions)."
+    def per_seed(m):
+        sub = df[(df[by] == m) & df.task.isin(tasks)]
+        return sub.pivot_table(index="seed", columns="task", values=value, aggfunc="mean").reindex(columns=list(tasks)).mean(1, skipna=False)
+    d = (per_seed(a) - per_seed(b)).dropna()
+    return [float(x) for x in d]
+
+def method_diff(df: pd.DataFrame, corr: dict, a: str, b: str, tasks, by: str = "method") -> dict:
+    "`paired_tasks(corr[a], corr[b])` with the per-seed differences (`seed_diffs`) that `claim_row` adds to its SE."
+    return paired_tasks(corr[a], corr[b]) | dict(seed_diffs=seed_diffs(df, a, b, tasks, by))
 
 def correctness(df_runs: pd.DataFrame, runs_dir, method_label: str, tasks, by: str = "method") -> dict:
     "{task: {id: mean correctness over seeds}} for one method, from the cached evaluations in a tidy frame."
@@ -175,6 +188,27 @@ def pct_param(model: str, method: str, target_modules=None, **overrides) -> floa
     m = meta_model(model)
     add_adapters(m, get_method(method, **overrides), target_modules=target_modules)
     return 100 * trainable_fraction(m)
+
+def rank_reproducing(model: str,            # registered model
+                     method: str,           # method preset (its rank `r` is varied, heads / experts kept)
+                     printed: float,        # the %Param the paper prints
+                     decimals: int = 2) -> list[int]:
+    "Ranks r at which `method`'s %Param on `model` rounds or truncates to `printed` ([] if none)."
+    from alignlora.experiments import printed_match
+    from alignlora.methods import get_method
+    below, above = printed - 0.5 / 10 ** decimals, printed + 1 / 10 ** decimals   # outside: neither rounds nor truncates to it
+    cache: dict = {}
+    pct = lambda r: cache.setdefault(r, pct_param(model, method, r=r))
+    r0 = get_method(method).adapter.r
+    r = max(1, round(r0 * printed / pct(r0)))        # %Param is increasing in r, close to proportional
+    while r > 1 and pct(r) >= below: r -= 1
+    while pct(r) < below: r += 1
+    hits = []
+    while pct(r) < above:
+        if printed_match(pct(r), printed, decimals): hits.append(r)
+        r += 1
+    return hits
+
 
 # %% ../nbs/07_paper.ipynb #1d97e85a
 def training_diagnostics(df_runs: pd.DataFrame,  # tidy frame from run_grid / collect (needs `key`, `method`)
