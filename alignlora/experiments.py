@@ -19,7 +19,7 @@ __all__ = ['PROFILES', 'AUTHORS_SCHEDULES', 'R_LORA_FAMILY', 'DTYPE_ALIASES', 'D
            'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'CLAIM_COLUMNS', 'atomic_write', 'atomic_json',
            'Profile', 'profile_train_args', 'profile_dtype', 'get_profile', 'checked_profile', 'check_run_spec',
            'check_eval_spec', 'device_class', 'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval',
-           'boot_summary', 'paired_bootstrap', 'mde', 'fmt_pm', 'verdict', 'bootstrap_rows', 'hardware',
+           'boot_summary', 'paired_bootstrap', 'mde', 'rows_for_mde', 'fmt_pm', 'verdict', 'bootstrap_rows', 'hardware',
            'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status',
            'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'run', 'run_grid', 'collect',
            'per_example', 'printed_match', 'claim_row', 'write_claims', 'holm', 'adjust_claims', 'adjust_claim_files',
@@ -316,6 +316,13 @@ def mde(se: float,                 # standard error of the difference
     "Minimum detectable effect (z_{1-α/2} + z_{power}) · SE."
     from scipy import stats
     return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se)
+
+def rows_for_mde(sd_row: float,            # standard deviation of one row's paired difference (same units as target)
+                 target: float,            # the minimum detectable effect wanted
+                 alpha: float = 0.05, power: float = 0.8) -> int:
+    "Paired rows a comparison needs so that its MDE (SE = sd_row/√n) is at most `target`: ⌈(z·sd/target)²⌉."
+    if not target > 0: raise ValueError(f"target must be > 0, got {target!r}")
+    return int(math.ceil((mde(sd_row, alpha, power) / target) ** 2))
 
 def fmt_pm(mean: float, hw: float | None, scale: float = 100, nd: int = 1) -> str:
     "`81.9 ± 1.2` (or `81.9` without an interval)."
@@ -721,7 +728,8 @@ def _tidy(spec: RunSpec, ekey: str, rec: dict) -> list[dict]:
         rows.append(dict(key=spec.key, model=spec.model, method=spec.method, overrides=dict(spec.overrides),
                          label=spec.label, seed=spec.seed, train_tasks=",".join(spec.tasks), target=",".join(spec.target_modules),
                          eval_key=ekey, protocol=rec["eval"]["protocol"], task=task, acc=r.get("acc"),
-                         acc_stderr=r.get("acc_stderr"), n=r.get("n"), parse_rate=r.get("parse_rate")))
+                         acc_stderr=r.get("acc_stderr"), n=r.get("n"), parse_rate=r.get("parse_rate"),
+                         eval_wall_s=rec.get("wall_s")))   # the whole evaluation call, all of its tasks
     return rows
 
 def run_grid(specs: Iterable[RunSpec], evals: Iterable[EvalSpec] = (), runs_dir_=None, data_dir=None,
