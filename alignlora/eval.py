@@ -345,7 +345,6 @@ def shared_prompt_lm():
     class SharedPromptLM(HFLM):
         packed: bool = True             # loglik: one packed forward per context (False: HFLM's requests)
         prefix_min: int | None = None   # generate: contexts sharing ≥ this many leading tokens share their KV cache
-        _prefix_generate = _prefix_generate
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             impl = getattr(self.model.config, "_attn_implementation", None)
@@ -378,6 +377,8 @@ def shared_prompt_lm():
             if rest:   # contexts with no shared prefix: lm-eval's batched generation
                 for i, s in zip(rest, super().generate_until([requests[i] for i in rest], disable_tqdm)): out[i] = s
             return out
+    SharedPromptLM._prefix_generate = _prefix_generate
+    return SharedPromptLM
 
 
 # %% ../nbs/05_eval.ipynb #768b3611
