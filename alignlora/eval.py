@@ -192,7 +192,7 @@ def merged_adapters(model,                 # a transformers model, with `alignlo
                     enabled: bool = True): # False: leave the model as it is
     "Within the block the static adapters are folded into their base weights (yields whether they were); copied back on exit."
     import torch
-    from .adapters import adapter_layers, merge_adapters
+    from alignlora.adapters import adapter_layers, merge_adapters
     layers = [l for l in adapter_layers(model) if not l.merged]
     ok = enabled and bool(layers) and all(l.cfg.mergeable for l in layers)
     saved = [l.base.weight.detach().clone() for l in layers] if ok else []

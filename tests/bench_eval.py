@@ -92,7 +92,13 @@ def main():
                 timer.s.clear()
                 w, p, ll = evaluate_set(model, tok, sets[name], v, data_dir)
                 walls[name, v].append(w); split[name, v] = dict(timer.s); first.setdefault((name, v), (p, ll))
-                print(f"repeat {rep} {name:8s} {v}: {w:6.1f} s", flush=True)
+                s = timer.s; fw = s["prefill_s"] + s["decode_s"]
+                print(f"repeat {rep} {name:8s} {v}: {w:6.1f} s = prefill {s['prefill_s']:5.1f} s ({s['prefill_calls']} calls, "
+                      f"{s['prefill_tok']} tokens, {s['prefill_real']} real) + decode {s['decode_s']:5.1f} s "
+                      f"({s['decode_calls']} calls, {s['decode_tok']} tokens) + rest {w - fw:5.1f} s", flush=True)
+            if rep == 0:
+                (po, _), (pn, _) = first[name, "old"], first[name, "new"]
+                print(f"  {name}: {sum(po[k] == pn.get(k) for k in po)}/{len(po)} identical predictions", flush=True)
     print("\nset       old_s   new_s  speed-up  identical  (medians over repeats)")
     tot = collections.Counter()
     for name in a.sets.split(","):
