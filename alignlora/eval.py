@@ -395,7 +395,7 @@ def evaluate(model,                        # an in-memory transformers causal LM
              progress: bool = True,        # show lm-eval's progress bars over requests
              merge: bool = True,           # fold static adapters into the base weights for the call (`merged_adapters`)
              shared_prompt: bool = True,   # loglik: one packed forward per row (`shared_prompt_lm`)
-             prefix_cache: bool = True) -> dict:  # generate: a prefix shared by ≥ 64 tokens is computed once (`prefix_greedy`)
+             prefix_cache: bool = False) -> dict:  # generate: a prefix shared by ≥ 64 tokens is computed once (`prefix_greedy`)
     "Evaluate `model` on `tasks` with lm-eval; `{task: {acc, acc_stderr, n, parse_rate, per_example}}` (+ `bbh`)."
     import lm_eval, torch
     from lm_eval.models.huggingface import HFLM

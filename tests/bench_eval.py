@@ -4,7 +4,8 @@ The `cpu` profile's evaluation set, as `experiments._evaluate` runs it: `generat
 task at ≤ 16 new tokens, 8 GSM8K rows at ≤ 96), `loglik` on its four tasks with choices (30 rows each) and `bbh` (2 rows
 per subtask, ≤ 24 new tokens). Two variants of `alignlora.eval.evaluate` on the same in-memory model:
   - `old`: merge=False, shared_prompt=False, prefix_cache=False (lm-eval's `HFLM` on the unmerged adapters);
-  - `new`: the defaults (adapters merged for the call, one packed forward per loglik row, BBH's shared prefix once).
+  - `new`: merge, shared_prompt and prefix_cache on (adapters merged for the call, one packed forward per loglik row,
+    BBH's shared prefix once).
 Variants are interleaved per repeat (the CPU is shared; contention hits both alike); medians reported. Per call, the time
 spent in the decoder's forwards is split into prefill (> 1 token per row) and decode (1 token per row), with the tokens
 fed and the real (non-padding) ones; the rest is the output layer, log-softmax and lm-eval (task building, requests).
@@ -26,7 +27,7 @@ from alignlora.data import PAPER_TASKS
 from alignlora.eval import evaluate
 from alignlora.experiments import load_run, make_eval, make_spec, run
 
-VARIANTS = {"old": dict(merge=False, shared_prompt=False, prefix_cache=False), "new": {}}
+VARIANTS = {"old": dict(merge=False, shared_prompt=False, prefix_cache=False), "new": dict(prefix_cache=True)}
 
 
 class Timer:
