@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_eval.ipynb #bbaaeb43
 from __future__ import annotations
-import csv, functools, io, json, logging, math, os, tempfile, time
+import contextlib, csv, functools, io, json, logging, math, os, tempfile, time
 from importlib.resources import files
 from pathlib import Path
 
@@ -15,7 +15,9 @@ from .errors import check_int, nearest
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'STOCK_YAML', 'process_generation', 'tasks_dir', 'stock_yaml', 'expand_tasks', 'lm_task_name',
-           'write_rows', 'write_task_yaml', 'primary_metric', 'evaluate', 'greedy_reference', 'stop_strings']
+           'write_rows', 'write_task_yaml', 'primary_metric', 'merged_adapters', 'pack_choices', 'packed_mask',
+           'packed_loglik', 'prefix_groups', 'prefix_greedy', 'shared_prompt_lm', 'evaluate', 'greedy_reference',
+           'stop_strings']
 
 # %% ../nbs/05_eval.ipynb #3d2d554f
 def process_generation(doc: dict,      # one row of the task's JSONL (see `write_rows`)
@@ -184,6 +186,201 @@ def _write_outputs(output_dir: Path, raw: dict, res: dict, lm_names: dict):
     for name, r in res.items(): w.writerow([name, r["protocol"], r["acc"], r["acc_stderr"], r["n"], r.get("parse_rate")])
     _atomic_write(output_dir / "results.csv", buf.getvalue())
 
+# %% ../nbs/05_eval.ipynb #2f4dde7a
+@contextlib.contextmanager
+def merged_adapters(model,                 # a transformers model, with `alignlora` adapters or without
+                    enabled: bool = True): # False: leave the model as it is
+    "Within the block the static adapters are folded into their base weights (yields whether they were); copied back on exit."
+    import torch
+    from alignlora.adapters import adapter_layers, merge_adapters
+    layers = [l for l in adapter_layers(model) if not l.merged]
+    ok = enabled and bool(layers) and all(l.cfg.mergeable for l in layers)
+    saved = [l.base.weight.detach().clone() for l in layers] if ok else []
+    if ok:
+        try: merge_adapters(model)   # raises before any weight changes
+        except ValueError: ok = False   # a base weight tied to another module: served unmerged
+    try: yield ok
+    finally:
+        if ok:
+            with torch.no_grad():
+                for l, w in zip(layers, saved): l.base.weight.copy_(w); l.merged = False
+
+
+# %% ../nbs/05_eval.ipynb #69c01747
+def pack_choices(ctx: list[int],           # the context's token ids (shared by every choice)
+                 conts: list[list[int]]):  # each choice's continuation token ids
+    "One row's packed input: `(ids, positions, segments, score_at)`; `score_at[i]` are the positions whose logits score choice i."
+    ids, pos, seg, score_at = list(ctx), list(range(len(ctx))), [0] * len(ctx), []
+    for i, c in enumerate(conts, 1):
+        if not c: raise ValueError("pack_choices: a continuation is empty (lm-eval never asks for one)")
+        start = len(ids)
+        score_at.append([len(ctx) - 1] + list(range(start, start + len(c) - 1)))
+        ids += c[:-1]; pos += range(len(ctx), len(ctx) + len(c) - 1); seg += [i] * (len(c) - 1)
+    return ids, pos, seg, score_at
+
+def packed_mask(seg: list[int]):  # segment of each packed token (0: the shared context)
+    "Boolean `[L, L]` mask: token q sees token k ≤ q when k is in the context or in q's own segment."
+    import torch
+    seg = torch.tensor(seg); i = torch.arange(len(seg))
+    return (i[None, :] <= i[:, None]) & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+
+
+# %% ../nbs/05_eval.ipynb #f73b9aa0
+def _packed_batch(packs, pad_id: int, dtype):
+    "Right-padded ids, positions and an additive `[B, 1, L, L]` mask of `pack_choices` rows (padding sees token 0)."
+    import torch
+    B, L = len(packs), max(len(p[0]) for p in packs)
+    ids = torch.full((B, L), pad_id, dtype=torch.long); pos = torch.zeros((B, L), dtype=torch.long)
+    see = torch.zeros((B, 1, L, L), dtype=torch.bool); see[:, 0, :, 0] = True
+    for r, (t, p, s, _) in enumerate(packs):
+        n = len(t); ids[r, :n] = torch.tensor(t); pos[r, :n] = torch.tensor(p); see[r, 0, :n, :n] = packed_mask(s)
+    return ids, pos, torch.zeros(see.shape, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)
+
+def packed_loglik(model,                     # a transformers causal LM (decoder + output embeddings)
+                  rows: list[tuple],         # `(ctx, conts)` per row: context ids and each choice's ids
+                  pad_id: int = 0,           # id written into the padding
+                  softmax_dtype=None):       # dtype of the log-softmax (None: fp32)
+    "Per row, per choice `(log p(cont | ctx), cont is the greedy continuation)`, from one forward over the packed rows."
+    import torch, torch.nn.functional as F
+    packs = [pack_choices(list(c), [list(y) for y in ys]) for c, ys in rows]
+    ids, pos, mask = _packed_batch(packs, pad_id, model.dtype)
+    r_idx = [r for r, p in enumerate(packs) for at in p[3] for _ in at]
+    a_idx = [a for p in packs for at in p[3] for a in at]
+    dev = model.device
+    with torch.no_grad():
+        h = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
+        logp = F.log_softmax(model.get_output_embeddings()(h[r_idx, a_idx]), dim=-1, dtype=softmax_dtype or torch.float32)
+    tgt = torch.tensor([t for _, ys in rows for y in ys for t in y], device=logp.device)
+    tok_lp, hit = logp.gather(-1, tgt[:, None])[:, 0], logp.argmax(-1) == tgt
+    out, k = [], 0
+    for _, ys in rows:
+        out.append([])
+        for y in ys: out[-1].append((float(tok_lp[k:k + len(y)].sum()), bool(hit[k:k + len(y)].all()))); k += len(y)
+    return out
+
+
+# %% ../nbs/05_eval.ipynb #80994b0a
+def prefix_groups(ids: list[list[int]],   # each request's context token ids
+                  min_prefix: int = 64):  # shortest common prefix worth sharing
+    "Groups `[(prefix_len, [request indices])]` of ≥ 2 contexts sharing ≥ `min_prefix` leading tokens; each suffix keeps ≥ 1 token."
+    lcp = lambda a, b: next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    order, groups = sorted(range(len(ids)), key=lambda i: ids[i]), []
+    for i in order:
+        if groups and lcp(ids[groups[-1][1][0]], ids[i]) >= min_prefix + 1:
+            g = groups[-1]; g[1].append(i); g[0] = min(g[0], lcp(ids[g[1][0]], ids[i]))
+        else: groups.append([len(ids[i]), [i]])
+    return [(min(p, min(len(ids[i]) for i in g) - 1), g) for p, g in groups if len(g) > 1]
+
+
+# %% ../nbs/05_eval.ipynb #f03f2a44
+def prefix_greedy(model,                      # a transformers causal LM
+                  prefix: list[int],          # the shared leading context tokens
+                  suffixes: list[list[int]],  # each row's remaining context tokens (≥ 1 each)
+                  max_new: int,               # generation cap
+                  done,                       # `done(tokens) -> bool`: the row's generation is complete
+                  pad_id: int = 0) -> list[list[int]]:
+    "Greedy continuations of `prefix + suffix` per row; the prefix's keys and values computed once, finished rows dropped."
+    import torch
+    dev, n, p, S = model.device, len(suffixes), len(prefix), max(map(len, suffixes))
+    ids = torch.full((n, S), pad_id, dtype=torch.long); pos = torch.full((n, S), p, dtype=torch.long)
+    mask = torch.zeros((n, p + S), dtype=torch.long); mask[:, :p] = 1   # [prefix | padding | suffix]: positions as unpadded
+    for r, s in enumerate(suffixes):
+        ids[r, S - len(s):] = torch.tensor(s); pos[r, S - len(s):] = torch.arange(p, p + len(s)); mask[r, p + S - len(s):] = 1
+    ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
+    nxt = torch.tensor([p + len(s) for s in suffixes], device=dev)
+    gen, live = [[] for _ in range(n)], list(range(n))
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([prefix], device=dev), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        while live:
+            tok = logits.argmax(-1)
+            for j, r in enumerate(live): gen[r].append(int(tok[j]))
+            keep = [j for j, r in enumerate(live) if len(gen[r]) < max_new and not done(gen[r])]
+            if not keep: break
+            if len(keep) < len(live):
+                sel = torch.tensor(keep, device=dev); cache.batch_select_indices(sel)
+                mask, nxt, tok, live = mask[sel], nxt[sel], tok[sel], [live[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], 1)
+            logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt[:, None], past_key_values=cache,
+                           use_cache=True).logits[:, -1]
+            nxt = nxt + 1
+    return gen
+
+
+# %% ../nbs/05_eval.ipynb #f7955c36
+def _prefix_generate(self, args: list[tuple]) -> dict:
+    "`{request index: text}` for the requests (same gen_kwargs) whose contexts `prefix_groups` groups; the rest are left out."
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+    kw = normalize_gen_kwargs(dict(args[0][1]), self.max_gen_toks)
+    until = handle_stop_sequences(kw.pop("until", None), eos=self.tok_decode(self.eot_token_id, skip_special_tokens=False))
+    max_new = kw.pop("max_gen_toks"); kw.pop("temperature", None)
+    if kw.pop("do_sample", False) or kw: return {}   # greedy with stop strings only; anything else: lm-eval's path
+    eos = self.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [self.eot_token_id if eos is None else eos])
+    stops = [u for u in until if u]
+    done = lambda t: t[-1] in eos or any(u in self.tok_decode(t) for u in stops)   # what ends the row in HF + lm-eval
+    ids = [self.tok_batch_encode([c], left_truncate_len=self.max_length - max_new, truncation=self.truncation)[0][0].tolist()
+           for c, _ in args]
+    bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
+    out = {}
+    for p, g in prefix_groups(ids, self.prefix_min):
+        for b in range(0, len(g), bs):
+            part = g[b:b + bs]
+            gens = prefix_greedy(self.model, ids[part[0]][:p], [ids[j][p:] for j in part], max_new, done,
+                                 self.tokenizer.pad_token_id or 0)
+            for j, t in zip(part, gens):
+                out[j] = postprocess_generated_text(self.tok_decode(t), until, None)
+                self.cache_hook.add_partial("generate_until", args[j], out[j])
+    return out
+
+
+# %% ../nbs/05_eval.ipynb #d3f6c31d
+@functools.cache
+def shared_prompt_lm():
+    "lm-eval's `HFLM`: log-likelihoods by `packed_loglik`; with `prefix_min` set, greedy generation by `prefix_greedy`."
+    from lm_eval.models.huggingface import HFLM
+    from tqdm.auto import tqdm
+
+    class SharedPromptLM(HFLM):
+        packed: bool = True             # loglik: one packed forward per context (False: HFLM's requests)
+        prefix_min: int | None = None   # generate: contexts sharing ≥ this many leading tokens share their KV cache
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            impl = getattr(self.model.config, "_attn_implementation", None)
+            if not self.packed or self.backend != "causal" or impl not in ("sdpa", "eager") or \
+               any(len(c) + len(y) > self.max_length + 1 for _, c, y in requests):   # lm-eval would truncate: its own path
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            groups: dict = {}
+            for i, (_, c, _) in enumerate(requests): groups.setdefault(tuple(c), []).append(i)
+            order = sorted(groups, key=lambda c: -(len(c) + sum(len(requests[i][2]) for i in groups[c])))  # longest first
+            bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
+            out = [None] * len(requests)
+            for b in tqdm(range(0, len(order), bs), disable=disable_tqdm or self.rank != 0, desc="Packed log-likelihood rows"):
+                ctxs = order[b:b + bs]
+                res = packed_loglik(self.model, [(c, [requests[i][2] for i in groups[c]]) for c in ctxs],
+                                    self.tokenizer.pad_token_id or 0, self.softmax_dtype)
+                for c, r in zip(ctxs, res):
+                    for i, ans in zip(groups[c], r):
+                        out[i] = ans; self.cache_hook.add_partial("loglikelihood", requests[i][0], ans)
+            return out
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            if not self.prefix_min or self.backend != "causal": return super().generate_until(requests, disable_tqdm)
+            out, rest = [None] * len(requests), []
+            by_kw: dict = {}
+            for i, r in enumerate(requests): by_kw.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+            for idxs in by_kw.values():
+                shared = self._prefix_generate([requests[i].args for i in idxs])
+                for j, s in shared.items(): out[idxs[j]] = s
+                rest += [i for j, i in enumerate(idxs) if j not in shared]
+            if rest:   # contexts with no shared prefix: lm-eval's batched generation
+                for i, s in zip(rest, super().generate_until([requests[i] for i in rest], disable_tqdm)): out[i] = s
+            return out
+    SharedPromptLM._prefix_generate = _prefix_generate
+    return SharedPromptLM
+
+
 # %% ../nbs/05_eval.ipynb #768b3611
 def evaluate(model,                        # an in-memory transformers causal LM (adapters injected or merged)
              tokenizer,                    # its tokenizer
@@ -195,7 +392,10 @@ def evaluate(model,                        # an in-memory transformers causal LM
              output_dir=None,              # if given: results.json, samples.jsonl, results.csv written here
              max_new_tokens: int | None = None,  # generation cap for every task (None: 128; BBH 256)
              seed: int = 0,                # row subsampling and lm-eval seeds
-             progress: bool = True) -> dict:  # show lm-eval's progress bars over requests
+             progress: bool = True,        # show lm-eval's progress bars over requests
+             merge: bool = True,           # fold static adapters into the base weights for the call (`merged_adapters`)
+             shared_prompt: bool = True,   # loglik: one packed forward per row (`shared_prompt_lm`)
+             prefix_cache: bool = False) -> dict:  # generate: a prefix shared by ≥ 64 tokens is computed once (`prefix_greedy`)
     "Evaluate `model` on `tasks` with lm-eval; `{task: {acc, acc_stderr, n, parse_rate, per_example}}` (+ `bbh`)."
     import lm_eval, torch
     from lm_eval.models.huggingface import HFLM
@@ -216,7 +416,7 @@ def evaluate(model,                        # an in-memory transformers causal LM
                                  "evaluate them with protocol='generate'.")
     if protocol == "stock": [stock_yaml(n) for n in names]  # fail early on tasks with no stock definition
     was_training = model.training
-    quiet, lm = _Quiet(), None
+    quiet, lm, merging = _Quiet(), None, None
     with tempfile.TemporaryDirectory(prefix="alignlora-eval-") as tmp:
         tmp = Path(tmp); lm_names = {}
         for n in names:
@@ -231,7 +431,10 @@ def evaluate(model,                        # an in-memory transformers causal LM
             quiet.__enter__()
             tm = TaskManager(include_path=str(tmp), include_defaults=False)
             # log-likelihoods from an fp32 softmax on any model dtype (bf16 logits tie and flip choices)
-            lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
+            merging = merged_adapters(model, merge); merging.__enter__()
+            LM = shared_prompt_lm() if shared_prompt or prefix_cache else HFLM
+            lm = LM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
+            if LM is not HFLM: lm.packed, lm.prefix_min = shared_prompt, (64 if prefix_cache else None)
             if not progress:  # lm-eval's request loops take `disable_tqdm`; its evaluator does not pass it on
                 for req in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
                     setattr(lm, req, functools.partial(getattr(lm, req), disable_tqdm=True))
@@ -239,6 +442,7 @@ def evaluate(model,                        # an in-memory transformers causal LM
                                           log_samples=True, random_seed=seed, numpy_random_seed=seed,
                                           torch_random_seed=seed, fewshot_random_seed=seed)
         finally:
+            if merging is not None: merging.__exit__(None, None, None)
             model.train(was_training); quiet.__exit__()
             if lm is not None: lm.__dict__.clear()   # the partials above refer back to lm: no cycle keeps the model alive
             lm = None

@@ -118,3 +118,72 @@ def test_clear_errors(tiny):
     with pytest.raises(ValueError, match="generate"): evaluate(m, tok, ["gsm8k"], "loglik", limit=2, data_dir=DATA)
     with pytest.raises(ValueError, match="protocol"): evaluate(m, tok, ["piqa"], "greedy", limit=2, data_dir=DATA)
     with pytest.raises(KeyError, match="Unknown task"): evaluate(m, tok, ["hellaswag"], limit=2, data_dir=DATA)
+
+
+OLD_PATH = dict(merge=False, shared_prompt=False, prefix_cache=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_lora():
+    "The varied tiny model with a `lora` adapter whose B is non-zero (a fresh adapter would be a no-op)."
+    from alignlora.adapters import add_adapters, adapter_layers
+    from alignlora.methods import get_method
+    m, tok = load_model("tiny")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2: p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    torch.manual_seed(0); add_adapters(m, get_method("lora"))
+    with torch.no_grad():
+        for l in adapter_layers(m): l.lora_B.normal_(0, 0.1)
+    return m.eval(), tok
+
+
+@pytest.mark.parametrize("protocol,tasks,kw", [
+    ("generate", D.PAPER_TASKS, dict(limit=6, max_new_tokens=16)),
+    ("loglik", ["qnli", "piqa", "winogrande", "arc"], dict(limit=10)),
+    ("generate", ["bbh/navigate", "bbh/date_understanding", "bbh/word_sorting"], dict(limit=3, max_new_tokens=24))])
+def test_fast_path_equals_old_path(tiny_lora, tmp_path, protocol, tasks, kw):
+    "merge + shared_prompt + prefix_cache against lm-eval's HFLM on the unmerged adapters: row for row."
+    m, tok = tiny_lora
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    out = {}
+    for name, variant in (("old", OLD_PATH), ("new", dict(prefix_cache=True))):
+        res = evaluate(m, tok, tasks, protocol, batch_size=4, data_dir=DATA, output_dir=tmp_path / name, progress=False, **kw, **variant)
+        out[name] = res, sorted(map(json.loads, open(tmp_path / name / "samples.jsonl")), key=lambda s: (s["task"], s["doc_id"]))
+    (old, so), (new, sn) = out["old"], out["new"]
+    assert all(old[t]["per_example"] == new[t]["per_example"] for t in tasks)
+    if protocol == "generate": assert [s["filtered_resps"] for s in so] == [s["filtered_resps"] for s in sn]
+    else: assert max(abs(float(a[0][0]) - float(b[0][0])) for x, y in zip(so, sn) for a, b in zip(x["resps"], y["resps"])) < 1e-4
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())   # merged for the call only, restored exactly
+
+
+def test_prefix_greedy_equals_hand_loop(tiny_lora):
+    from alignlora.eval import prefix_greedy
+    m, tok = tiny_lora
+    prefix = tok("A shared few-shot prefix, long enough to share. " * 6)["input_ids"]
+    sufs = [tok(s)["input_ids"] for s in ("Q: one? A:", "Q: a second, longer question? A:", "Q: 3")]
+    first = []
+    with torch.no_grad():   # stop each row at a token it really generates (its 3rd + row index): rows finish at different steps
+        for r, s in enumerate(sufs):
+            ids = prefix + s
+            for _ in range(3 + r): ids = ids + [int(m(torch.tensor([ids])).logits[0, -1].argmax())]
+            first.append(ids[-1])
+    got = prefix_greedy(m, prefix, sufs, 10, lambda t: t[-1] in first)
+    for s, g in zip(sufs, got):
+        ref = []
+        with torch.no_grad():
+            while len(ref) < 10 and not (ref and ref[-1] in first):
+                ref.append(int(m(torch.tensor([prefix + s + ref])).logits[0, -1].argmax()))
+        assert g == ref
+
+
+def test_no_newline_stop_for_label_tasks():
+    "Why label tasks keep lm-eval's stopping: the scorer reads after the last `Answer:`, so text after a newline counts."
+    swap = {"entailment": "not_entailment", "not_entailment": "entailment", "solution1": "solution2", "solution2": "solution1",
+            "option1": "option2", "option2": "option1", **{c: "ABCDE"[("ABCDE".index(c) + 1) % 5] for c in "ABCDE"}}
+    for name in ["qnli", "piqa", "winogrande", "arc", "gsm8k"]:
+        for ex in D.load_task(name, "eval", n=30, data_dir=DATA):
+            gold = str(ex["answer"]); wrong = swap[gold] if name != "gsm8k" else str(float(gold) + 1)
+            assert D.score(name, gold, ex) and not D.score(name, gold + "\nAnswer: " + wrong, ex)
+            assert D.score(name, "\n" + gold, ex)
