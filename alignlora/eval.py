@@ -194,7 +194,8 @@ def merged_adapters(model,                 # a transformers model, with `alignlo
     import torch
     from alignlora.adapters import adapter_layers, merge_adapters
     layers = [l for l in adapter_layers(model) if not l.merged]
-    ok = enabled and bool(layers) and all(l.cfg.mergeable for l in layers)
+    # only into fp32/fp64 weights: in bf16 a small adapter delta is mostly rounded away against W (8-bit mantissa)
+    ok = enabled and bool(layers) and all(l.cfg.mergeable and l.base.weight.dtype in (torch.float32, torch.float64) for l in layers)
     saved = [l.base.weight.detach().clone() for l in layers] if ok else []
     if ok:
         try: merge_adapters(model)   # raises before any weight changes

@@ -76,9 +76,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("smoke", "tiny", n_train=8, k=2, max_steps=2, lr=1e-3, max_length=128, eval_limit=4, gsm8k_limit=2,
             bbh_limit=2, max_new_tokens=8, label_max_new_tokens=8, bbh_max_new_tokens=8, eval_batch_size=4,
             note="random tiny model: every notebook end to end in seconds; numbers are meaningless (tests, CI)"),
-    # cpu: 8 samples per task behind every alignment statistic (one micro-batch of 40 rows per step), 4 steps
+    # cpu: 8 samples per task behind every alignment statistic (one micro-batch of 40 rows per step), 4 steps; bf16
+    # where the CPU has bf16 matrix units (training 2.5x faster in tests/bench_dtype.py on AVX512-BF16), else fp32
     Profile("cpu", "smollm2-135m", n_train=128, k=8, max_steps=4, lr=2e-3, max_length=256, eval_limit=30,
             gsm8k_limit=8, bbh_limit=2, max_new_tokens=96, label_max_new_tokens=16, bbh_max_new_tokens=24, eval_batch_size=16,
+            dtype="auto",
             note="SmolLM2-135M offline on 2 CPU cores, whole paper in under 2 h; 8 samples per task per step; too small to separate most methods"),
     Profile("gpu", "smollm2-135m", n_train=None, k=4, max_steps=None, grad_accum=4, lr=2e-4, max_length=512,
             eval_limit=None, gsm8k_limit=None, bbh_limit=None, max_new_tokens=128, seeds=(0, 1, 2),
