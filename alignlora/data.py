@@ -17,11 +17,10 @@ import torch
 from .errors import check_int, nearest
 
 # %% auto #0
-__all__ = ['LETTERS', 'ENTAIL', 'BBH_SUBTASKS', 'BBH_TASKS', 'BBH_LABELS', 'BBH_NUMBER', 'BBH_FREE', 'BBH_PREFIX', 'TASKS',
-           'PAPER_TASKS', 'EIGHT_TASKS', 'data_dir', 'DataError', 'build_qnli', 'build_rte', 'build_piqa',
-           'build_winogrande', 'build_arc', 'build_openbookqa', 'build_gsm8k', 'bbh_kind', 'bbh_prompt', 'bbh_shots',
-           'Task', 'get_task', 'example_id', 'content_key', 'load_task', 'task_files', 'extract_answer', 'score',
-           'encode', 'encode_many', 'collate', 'BalancedSampler', 'MultiTaskData', 'assert_no_leakage']
+__all__ = ['BBH_SUBTASKS', 'BBH_TASKS', 'BBH_LABELS', 'BBH_PREFIX', 'TASKS', 'PAPER_TASKS', 'EIGHT_TASKS', 'data_dir',
+           'DataError', 'bbh_kind', 'bbh_prompt', 'bbh_shots', 'Task', 'get_task', 'example_id', 'content_key',
+           'load_task', 'task_files', 'extract_answer', 'score', 'encode', 'encode_many', 'collate', 'BalancedSampler',
+           'MultiTaskData', 'assert_no_leakage']
 
 # %% ../nbs/01_data.ipynb #e2fa92da
 def data_dir(data_dir: str | Path | None = None, # explicit folder; wins over the environment
@@ -62,7 +61,8 @@ def _label(row, name, mapping):
     if v not in mapping: raise _RowError(name, f"bad label {v!r}; expected one of {list(mapping)}")
     return mapping[v]
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# %% ../nbs/01_data.ipynb #3461a1d0
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 def _mc_choices(row, answer_field="answerKey"):
     "(texts, gold letter) of an ARC/OpenBookQA row; labels '1'..'n' become letters by position."
@@ -71,55 +71,59 @@ def _mc_choices(row, answer_field="answerKey"):
         raise _RowError("choices", f"expected {{'text': [...], 'label': [...]}} of equal length >= 2, got {ch!r}")
     key = _get(row, answer_field)
     if key not in ch["label"]: raise _RowError(answer_field, f"bad label {key!r}; not one of choices.label {ch['label']}")
-    return list(ch["text"]), LETTERS[ch["label"].index(key)]
+    return list(ch["text"]), _LETTERS[ch["label"].index(key)]
 
 def _letter_prompt(question, texts):
-    letters = LETTERS[:len(texts)]
+    letters = _LETTERS[:len(texts)]
     shown = ", ".join(f"{l}) {t}" for l, t in zip(letters, texts))
     return (f"Please answer the following multiple-choice question based on given choices.\nQuestion: {question}\n"
             f"Choices: {shown}\nAnswer format: {'/'.join(letters)}. Answer: ")
 
-ENTAIL = ["entailment", "not_entailment"]
+# %% ../nbs/01_data.ipynb #f5b49d09
+_ENTAIL = ["entailment", "not_entailment"]
 
-def build_qnli(row):
+def _build_qnli(row):
     "QNLI row → (prompt, target, answer, choices); label 0 = entailment (hub convention)."
     ans = _label(row, "label", {0: "entailment", 1: "not_entailment"})
     p = ("Please classify the semantic similarity of the question and the sentence: Based on the statement: "
          f"\"{_get(row, 'question')}\" does the following sentence \"{_get(row, 'sentence')}\" have a definitive answer? Answer: ")
-    return p, ans, ans, list(ENTAIL)
+    return p, ans, ans, list(_ENTAIL)
 
-def build_rte(row):
+def _build_rte(row):
     "RTE row (same style as QNLI; label 0 = entailment)."
     ans = _label(row, "label", {0: "entailment", 1: "not_entailment"})
     p = ("Please classify the relation of the premise and the hypothesis: Based on the premise: "
          f"\"{_get(row, 'premise')}\" does the following hypothesis \"{_get(row, 'hypothesis')}\" follow from it? Answer: ")
-    return p, ans, ans, list(ENTAIL)
+    return p, ans, ans, list(_ENTAIL)
 
-def build_piqa(row):
+# %% ../nbs/01_data.ipynb #12d611a8
+def _build_piqa(row):
     "PIQA row; label 0/1 = sol1/sol2."
     ans = _label(row, "label", {0: "solution1", 1: "solution2"})
     p = (f"Please choose the correct solution to the question: {_get(row, 'goal')}\nSolution1: {_get(row, 'sol1')}\n"
          f"Solution2: {_get(row, 'sol2')}\nAnswer format: solution1/solution2. Answer: ")
     return p, ans, ans, ["solution1", "solution2"]
 
-def build_winogrande(row):
+def _build_winogrande(row):
     "WinoGrande row; answer '1'/'2'."
     ans = _label(row, "answer", {"1": "option1", "2": "option2"})
     p = (f"Please choose the correct answer to fill in the blank to complete the given sentence: {_get(row, 'sentence')}\n"
          f"Option1: {_get(row, 'option1')}\nOption2: {_get(row, 'option2')}\nAnswer format: option1/option2. Answer: ")
     return p, ans, ans, ["option1", "option2"]
 
-def build_arc(row):
+# %% ../nbs/01_data.ipynb #42b6a018
+def _build_arc(row):
     "ARC row (Easy or Challenge); the target is the answer letter."
     texts, ans = _mc_choices(row)
-    return _letter_prompt(_get(row, "question"), texts), ans, ans, list(LETTERS[:len(texts)])
+    return _letter_prompt(_get(row, "question"), texts), ans, ans, list(_LETTERS[:len(texts)])
 
-def build_openbookqa(row):
+def _build_openbookqa(row):
     "OpenBookQA row (same style as ARC; the question is `question_stem`)."
     texts, ans = _mc_choices(row)
-    return _letter_prompt(_get(row, "question_stem"), texts), ans, ans, list(LETTERS[:len(texts)])
+    return _letter_prompt(_get(row, "question_stem"), texts), ans, ans, list(_LETTERS[:len(texts)])
 
-def build_gsm8k(row):
+# %% ../nbs/01_data.ipynb #ed58d246
+def _build_gsm8k(row):
     "GSM8K row; target = the full rationale ending in `#### N`, answer = N as a plain number."
     sol = _get(row, "answer")
     if "####" not in sol: raise _RowError("answer", "no '#### N' final answer in the rationale")
@@ -149,14 +153,15 @@ BBH_SUBTASKS = ["boolean_expressions", "causal_judgement", "date_understanding",
 BBH_TASKS = [f"bbh/{s}" for s in BBH_SUBTASKS]
 BBH_LABELS = {"boolean_expressions": ["True", "False"], "causal_judgement": ["Yes", "No"], "formal_fallacies": ["valid", "invalid"],
               "navigate": ["Yes", "No"], "sports_understanding": ["yes", "no"], "web_of_lies": ["Yes", "No"]}
-BBH_NUMBER = {"object_counting", "multistep_arithmetic_two"}
-BBH_FREE = {"dyck_languages", "word_sorting"}
+_BBH_NUMBER = {"object_counting", "multistep_arithmetic_two"}
+_BBH_FREE = {"dyck_languages", "word_sorting"}
 BBH_PREFIX = "I will give you three examples, please answer the last question based on them."
 
 def bbh_kind(subtask: str) -> str:
     "How a BBH subtask is scored: 'letter', 'label', 'number' or 'free'."
-    return "label" if subtask in BBH_LABELS else "number" if subtask in BBH_NUMBER else "free" if subtask in BBH_FREE else "letter"
+    return "label" if subtask in BBH_LABELS else "number" if subtask in _BBH_NUMBER else "free" if subtask in _BBH_FREE else "letter"
 
+# %% ../nbs/01_data.ipynb #c7a61462
 def bbh_prompt(example: dict, # a BBH row (`input`) or an example dict (its `raw` row is used)
                shots: list[dict], # exemplars, each with `input` and `target`
               ) -> str:
@@ -165,6 +170,7 @@ def bbh_prompt(example: dict, # a BBH row (`input`) or an example dict (its `raw
     parts = [BBH_PREFIX] + [f"question: {s['input']}\nAnswer: {s['target']}" for s in shots]
     return "\n\n".join(parts) + f"\n\nquestion: {row['input']}\nAnswer: "
 
+# %% ../nbs/01_data.ipynb #df9e6cd8
 def _lm_eval_bbh_dir() -> Path | None:
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations: return None
@@ -188,6 +194,7 @@ def bbh_shots(subtask: str, # BBH subtask name (without `bbh/`)
     if test_rows is None: raise FileNotFoundError(f"lm_eval's BBH few-shot files not found for {subtask!r}; pass test_rows to use the first 3 test rows.")
     return [{"input": r["input"], "target": r["target"]} for r in test_rows[:3]], "test[:3]"
 
+# %% ../nbs/01_data.ipynb #c7daa394
 _BBH_OPT = re.compile(r"^\(([A-Z])\)", re.M)
 
 def _bbh_builder(subtask: str):
@@ -215,6 +222,7 @@ def _content_fields(*names, choices=False):
         return " | ".join(parts)
     return content
 
+# %% ../nbs/01_data.ipynb #0b3e08e6
 @dataclass
 class Task:
     "One benchmark: where its rows are, which split trains / evaluates, and how a row becomes an example."
@@ -235,27 +243,28 @@ class Task:
     @property
     def subtask(self): return self.name.split("/", 1)[1] if self.name.startswith("bbh/") else None
 
+# %% ../nbs/01_data.ipynb #4397cd82
 def _tasks() -> dict[str, Task]:
     arc_parts = ("arc_easy", "arc_challenge")
     mc = _content_fields("question", choices=True)
     ts = [
-        Task("qnli", "nyu-mll/glue", "qnli", "glue/qnli", "train", "validation", "classify", build_qnli,
+        Task("qnli", "nyu-mll/glue", "qnli", "glue/qnli", "train", "validation", "classify", _build_qnli,
              _content_fields("question", "sentence"), ("train", "validation"), note="offline train is an 8,999-pair subset"),
-        Task("piqa", "ybisk/piqa", None, "piqa", "train", "validation", "option", build_piqa,
+        Task("piqa", "ybisk/piqa", None, "piqa", "train", "validation", "option", _build_piqa,
              _content_fields("goal", "sol1", "sol2"), ("train", "validation"), note="offline splits are a re-split of the official validation"),
-        Task("winogrande", "allenai/winogrande", "winogrande_l", "winogrande", "train", "validation", "option", build_winogrande,
+        Task("winogrande", "allenai/winogrande", "winogrande_l", "winogrande", "train", "validation", "option", _build_winogrande,
              _content_fields("sentence", "option1", "option2"), ("train", "validation")),
-        Task("arc_easy", "allenai/ai2_arc", "ARC-Easy", "ai2_arc/ARC-Easy", "train", "test", "letter", build_arc, mc,
+        Task("arc_easy", "allenai/ai2_arc", "ARC-Easy", "ai2_arc/ARC-Easy", "train", "test", "letter", _build_arc, mc,
              ("train", "validation", "test"), dedupe_against=arc_parts),
-        Task("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "ai2_arc/ARC-Challenge", "train", "test", "letter", build_arc, mc,
+        Task("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "ai2_arc/ARC-Challenge", "train", "test", "letter", _build_arc, mc,
              ("train", "validation", "test"), dedupe_against=arc_parts),
-        Task("arc", "allenai/ai2_arc", None, "ai2_arc", "train", "test", "letter", build_arc, mc,
+        Task("arc", "allenai/ai2_arc", None, "ai2_arc", "train", "test", "letter", _build_arc, mc,
              ("train", "validation", "test"), parts=arc_parts, dedupe_against=arc_parts, note="ARC-Easy + ARC-Challenge merged"),
-        Task("gsm8k", "openai/gsm8k", "main", "gsm8k", "train", "test", "number", build_gsm8k,
+        Task("gsm8k", "openai/gsm8k", "main", "gsm8k", "train", "test", "number", _build_gsm8k,
              _content_fields("question"), ("train", "test")),
-        Task("openbookqa", "allenai/openbookqa", "main", "openbookqa", "train", "test", "letter", build_openbookqa,
+        Task("openbookqa", "allenai/openbookqa", "main", "openbookqa", "train", "test", "letter", _build_openbookqa,
              _content_fields("question_stem", choices=True), ("train", "validation", "test")),
-        Task("rte", "aps/super_glue", "rte", "super_glue/rte", "train", "validation", "classify", build_rte,
+        Task("rte", "aps/super_glue", "rte", "super_glue/rte", "train", "validation", "classify", _build_rte,
              _content_fields("premise", "hypothesis"), ("train", "validation")),
     ]
     for t in ts:
@@ -264,6 +273,7 @@ def _tasks() -> dict[str, Task]:
                 _content_fields("input"), ("test",)) for s in BBH_SUBTASKS]
     return {t.name: t for t in ts}
 
+# %% ../nbs/01_data.ipynb #7285a1f3
 TASKS: dict[str, Task] = _tasks()
 PAPER_TASKS = ["qnli", "piqa", "winogrande", "arc", "gsm8k"]
 EIGHT_TASKS = ["qnli", "piqa", "winogrande", "arc_easy", "arc_challenge", "gsm8k", "openbookqa", "rte"]
@@ -284,6 +294,7 @@ def _resolve_split(task: Task, split: str) -> str:
                        f" ('train' = {task.train_split}, 'eval' = {task.eval_split}).")
     return real
 
+# %% ../nbs/01_data.ipynb #6faf200e
 @lru_cache(maxsize=64)
 def _read_jsonl(path: str, mtime: float) -> tuple:
     rows = []
@@ -300,6 +311,7 @@ def _read_jsonl(path: str, mtime: float) -> tuple:
             rows.append((i, r))
     return tuple(rows)
 
+# %% ../nbs/01_data.ipynb #1f4fa1fa
 def _rows(task: Task, split: str, ddir: Path | None) -> list[tuple[str, int, dict]]:
     "(source, line, row) for every row of one split of a non-merged task."
     if ddir is not None:
@@ -314,6 +326,7 @@ def _rows(task: Task, split: str, ddir: Path | None) -> list[tuple[str, int, dic
     src = f"hub {task.hub_path}" + (f"/{task.hub_config}" if task.hub_config else "") + f" [{split}]"
     return [(src, i, dict(r)) for i, r in enumerate(ds, 1)]
 
+# %% ../nbs/01_data.ipynb #90b85b7a
 def example_id(task: str, prompt: str, answer: str) -> str:
     "Stable id of an example: sha1 of task, prompt and answer (16 hex digits)."
     return hashlib.sha1(f"{task}\x00{prompt}\x00{answer}".encode()).hexdigest()[:16]
@@ -323,6 +336,7 @@ def content_key(example: dict) -> str:
     t = get_task(example["task"])
     return hashlib.sha1(t.content(example["raw"]).encode()).hexdigest()[:16]
 
+# %% ../nbs/01_data.ipynb #482cbb29
 def _build_examples(task: Task, split: str, ddir: Path | None) -> list[dict]:
     if task.parts:
         out = []
@@ -345,6 +359,7 @@ def _build_examples(task: Task, split: str, ddir: Path | None) -> list[dict]:
                         id=example_id(task.name, prompt, answer), raw=row))
     return out
 
+# %% ../nbs/01_data.ipynb #dcd0d792
 _WARNED = set()  # (task, data dir) pairs already warned about dropped duplicates: once is enough
 
 @lru_cache(maxsize=64)
@@ -405,6 +420,7 @@ def _first_line(s: str) -> str:
 def _clean_label(s: str) -> str:
     return _first_line(s).strip("*`'\" ").rstrip(".!?,;:").strip("*`'\" ").lower()
 
+# %% ../nbs/01_data.ipynb #fc45bd02
 def _extract_number(s: str) -> str | None:
     if "####" in s:
         m = re.search(_NUM, s.rsplit("####", 1)[1])
@@ -422,6 +438,7 @@ def _extract_letter(s: str, letters: str = "ABCDE") -> str | None:
     m = re.search(rf"answer is[:\s]*\(?([{letters}])(?![A-Za-z0-9])", s)
     return m.group(1) if m else None
 
+# %% ../nbs/01_data.ipynb #8bf2e06b
 def _bbh_cut(text: str) -> str:
     "Apply the few-shot stop sequences to a generated continuation (a blank line, a new question), then `_after_answer`."
     s = text.lstrip()
@@ -430,6 +447,7 @@ def _bbh_cut(text: str) -> str:
         if j >= 0: s = s[:j]
     return _after_answer(s)
 
+# %% ../nbs/01_data.ipynb #08520656
 def extract_answer(task: str | Task, # task name or Task
                    text: str,        # the generated text
                   ) -> str | None:
@@ -455,8 +473,9 @@ def extract_answer(task: str | Task, # task name or Task
         m = re.search(rf"{word}\s*([12])(?!\d)", s, re.I) or re.match(r"^\W*([12])(?!\d)", s)
         return f"{word}{m.group(1)}" if m else None
     lab = _clean_label(s)
-    return lab if lab in ENTAIL else None
+    return lab if lab in _ENTAIL else None
 
+# %% ../nbs/01_data.ipynb #b53da1bf
 def score(task: str | Task, # task name or Task
           text: str,        # the generated text
           example: dict,    # the example (its `answer` is the gold answer)

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .errors import nearest, unknown_name
 
 # %% auto #0
-__all__ = ['TINY_CONFIG', 'MODELS', 'MODEL_PATHS_ENV', 'BF16_CPU_FLAGS', 'cache_dir', 'smollm2_gguf', 'hub_offline', 'ModelEntry',
+__all__ = ['MODELS', 'MODEL_PATHS_ENV', 'BF16_CPU_FLAGS', 'cache_dir', 'smollm2_gguf', 'hub_offline', 'ModelEntry',
            'check_model_name', 'model_config', 'meta_model', 'smollm2_dir', 'resolve_device', 'model_paths',
            'cpu_flags', 'resolve_dtype', 'load_model']
 
@@ -53,12 +53,12 @@ def _llama(h, inter, layers, heads, kv, vocab):
     return dict(model_type="llama", hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=False)
 
-TINY_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True,
-                   max_position_embeddings=2048, rms_norm_eps=1e-5)
+_TINY_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True,
+                    max_position_embeddings=2048, rms_norm_eps=1e-5)
 
 MODELS: dict[str, ModelEntry] = {e.name: e for e in [
-    ModelEntry("tiny", source="tiny", config=TINY_CONFIG, note="random init, SmolLM2 tokenizer; tests and the smoke profile"),
+    ModelEntry("tiny", source="tiny", config=_TINY_CONFIG, note="random init, SmolLM2 tokenizer; tests and the smoke profile"),
     ModelEntry("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", source="gguf",
                config=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
@@ -186,6 +186,7 @@ def _tiny(dtype, seed: int = 0):
     finally: g.__exit__(None, None, None)
     return m, AutoTokenizer.from_pretrained(smollm2_dir())
 
+# %% ../nbs/00_models.ipynb #f2703a9d
 def _from_hub(hub_id: str, dtype, name: str | None = None, **kw):
     if hub_offline():   # an offline compute node: the local Hugging Face cache (pre-filled with `huggingface-cli download`)
         try:
@@ -206,6 +207,7 @@ def _from_hub(hub_id: str, dtype, name: str | None = None, **kw):
         raise OSError(f"Could not load {hub_id!r} from the hub ({e.__class__.__name__}: {str(e)[:200]}). "
                       "Offline, use a registered offline model ('tiny', 'smollm2-135m') or a local folder.") from e
 
+# %% ../nbs/00_models.ipynb #0c056aa0
 def load_model(name_or_path: str = "smollm2-135m", # registry name, local folder, or hub id
                dtype: torch.dtype = torch.float32,  # parameter dtype
                device: str | torch.device = "cpu",  # where to put the model
