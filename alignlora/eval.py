@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_eval.ipynb #bbaaeb43
 from __future__ import annotations
-import contextlib, csv, functools, io, json, logging, math, os, tempfile, time
+import contextlib, csv, functools, io, json, logging, math, tempfile, time
 from importlib.resources import files
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import yaml
 
 from . import data as D
 from .errors import check_int, nearest
+from .files import atomic_write
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'STOCK_YAML', 'process_generation', 'tasks_dir', 'stock_yaml', 'expand_tasks', 'lm_task_name',
@@ -69,16 +70,6 @@ def lm_task_name(name: str, protocol: str) -> str:
     return f"alignlora_{protocol}_{name.replace('/', '_')}"
 
 # %% ../nbs/05_eval.ipynb #eb7aa9c2
-def _atomic_write(path: Path, text: str):
-    "Write `text` to `path` through a temporary file and a rename: readers never see half a file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f: f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-
 def _gold(ex: dict) -> int:
     ch = ex.get("choices")
     if not ch:
@@ -99,16 +90,21 @@ def write_rows(path: Path,          # JSONL file to write
                        choices=[str(c) for c in ex["choices"]] if ex.get("choices") else None,
                        gold=_gold(ex) if protocol == "loglik" else -1, example=json.dumps(ex, default=str))
         lines.append(json.dumps(rec, default=str))
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
+
+# %% ../nbs/05_eval.ipynb #e5a1c0d2
+class _NoFuncLoader(yaml.SafeLoader):
+    "Reads our templates without resolving `!function` (only their plain fields are wanted)."
+_NoFuncLoader.add_constructor("!function", lambda loader, node: None)
 
 def _default_gen_kwargs(name: str) -> dict:
     tpl = "bbh.yaml" if name.startswith("bbh/") else "generate.yaml"
     raw = yaml.load((tasks_dir() / tpl).read_text(), Loader=_NoFuncLoader)
     return dict(raw["generation_kwargs"])
 
-class _NoFuncLoader(yaml.SafeLoader):
-    "Reads our templates without resolving `!function` (only their plain fields are wanted)."
-_NoFuncLoader.add_constructor("!function", lambda loader, node: None)
+def _stock_gen_kwargs(name: str) -> dict:
+    from lm_eval.tasks._yaml_loader import load_yaml
+    return load_yaml(stock_yaml(name), resolve_func=False).get("generation_kwargs", {})
 
 def write_task_yaml(folder: Path,          # the call's temporary task folder
                     name: str,             # our task name
@@ -132,12 +128,8 @@ def write_task_yaml(folder: Path,          # the call's temporary task folder
         if protocol == "generate" and max_new_tokens is not None:
             gk = _default_gen_kwargs(name); gk["max_gen_toks"] = int(max_new_tokens); cfg["generation_kwargs"] = gk
     cfg["dataset_kwargs"] = {"data_files": files_}
-    _atomic_write(Path(folder) / f"{tname}.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write(Path(folder) / f"{tname}.yaml", yaml.safe_dump(cfg, sort_keys=False))
     return tname
-
-def _stock_gen_kwargs(name: str) -> dict:
-    from lm_eval.tasks._yaml_loader import load_yaml
-    return load_yaml(stock_yaml(name), resolve_func=False).get("generation_kwargs", {})
 
 # %% ../nbs/05_eval.ipynb #9fb6965d
 def _stderr(v):
@@ -178,13 +170,13 @@ def _write_outputs(output_dir: Path, raw: dict, res: dict, lm_names: dict):
     output_dir = Path(output_dir)
     samples = raw.get("samples", {})
     body = {k: v for k, v in raw.items() if k != "samples"}
-    _atomic_write(output_dir / "results.json", json.dumps(body, indent=2, default=str))
+    atomic_write(output_dir / "results.json", json.dumps(body, indent=2, default=str))
     lines = [json.dumps(dict(task=name, **s), default=str) for name, t in lm_names.items() for s in samples.get(t, [])]
-    _atomic_write(output_dir / "samples.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+    atomic_write(output_dir / "samples.jsonl", "\n".join(lines) + ("\n" if lines else ""))
     buf = io.StringIO(); w = csv.writer(buf)
     w.writerow(["task", "protocol", "acc", "acc_stderr", "n", "parse_rate"])
     for name, r in res.items(): w.writerow([name, r["protocol"], r["acc"], r["acc_stderr"], r["n"], r.get("parse_rate")])
-    _atomic_write(output_dir / "results.csv", buf.getvalue())
+    atomic_write(output_dir / "results.csv", buf.getvalue())
 
 # %% ../nbs/05_eval.ipynb #2f4dde7a
 @contextlib.contextmanager
@@ -382,6 +374,91 @@ def shared_prompt_lm():
     return SharedPromptLM
 
 
+# %% ../nbs/05_eval.ipynb #e5a1c0d4
+def _eval_rows(protocol, limit, batch_size, max_new_tokens, names, seed, data_dir) -> dict:
+    "Check `evaluate`'s arguments; `{task: its eval rows}`, raising for a task with no rows or no usable definition."
+    if protocol not in PROTOCOLS: raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+    check_int("limit", limit, minimum=1, none_ok=True, note="None evaluates every row.")
+    check_int("batch_size", batch_size)
+    check_int("max_new_tokens", max_new_tokens, none_ok=True)
+    names = expand_tasks(names)
+    if not names: raise ValueError("tasks is empty: give at least one task to evaluate, e.g. tasks=['piqa'].")
+    rows = {n: D.load_task(n, "eval", n=limit, seed=seed, data_dir=data_dir) for n in names}
+    empty = [n for n in names if not rows[n]]
+    if empty: raise ValueError(f"no evaluation rows for {empty}: their eval split is empty in the data folder "
+                               f"({D.data_dir(data_dir) or 'hub'}); check the files, or leave these tasks out.")
+    if protocol == "loglik":
+        bad = [n for n in names if not rows[n] or not all(ex.get("choices") for ex in rows[n])]
+        if bad: raise ValueError(f"protocol 'loglik' needs answer choices; {bad} have free-form answers: "
+                                 "evaluate them with protocol='generate'.")
+    if protocol == "stock": [stock_yaml(n) for n in names]  # fail early on tasks with no stock definition
+    return rows
+
+def _write_task_folder(tmp: Path, rows: dict, protocol, data_dir, max_new_tokens) -> dict:
+    "Write every task's rows and YAML into `tmp`; `{task: its lm-eval task name}`."
+    lm_names = {}
+    for n in rows:
+        f = tmp / f"{lm_task_name(n, protocol)}.jsonl"
+        write_rows(f, rows[n], protocol)
+        train_file = None
+        if protocol == "stock" and n == "gsm8k":  # stock GSM8K is 5-shot from the training split
+            train_file = tmp / "gsm8k_train.jsonl"
+            write_rows(train_file, D.load_task(n, "train", data_dir=data_dir), "stock")
+        lm_names[n] = write_task_yaml(tmp, n, protocol, f, train_file, max_new_tokens)
+    return lm_names
+
+# %% ../nbs/05_eval.ipynb #e5a1c0d5
+def _make_lm(model, tokenizer, batch_size, progress, shared_prompt, prefix_cache):
+    "lm-eval's `HFLM` (or `shared_prompt_lm()`) on the in-memory model, in eval mode, fp32 log-softmax."
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    # log-likelihoods from an fp32 softmax on any model dtype (bf16 logits tie and flip choices)
+    LM = shared_prompt_lm() if shared_prompt or prefix_cache else HFLM
+    lm = LM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
+    if LM is not HFLM: lm.packed, lm.prefix_min = shared_prompt, (64 if prefix_cache else None)
+    if not progress:  # lm-eval's request loops take `disable_tqdm`; its evaluator does not pass it on
+        for req in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
+            setattr(lm, req, functools.partial(getattr(lm, req), disable_tqdm=True))
+    return lm
+
+def _run_lm_eval(model, tokenizer, tmp: Path, lm_names: dict, batch_size, seed, progress, merge, shared_prompt,
+                 prefix_cache) -> dict:
+    "lm-eval's raw results on the tasks in `tmp`; the model leaves in its previous mode, adapters unmerged."
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    was_training = model.training
+    quiet, lm, merging = _Quiet(), None, None
+    try:
+        quiet.__enter__()
+        tm = TaskManager(include_path=str(tmp), include_defaults=False)
+        merging = merged_adapters(model, merge); merging.__enter__()
+        lm = _make_lm(model, tokenizer, batch_size, progress, shared_prompt, prefix_cache)
+        return lm_eval.simple_evaluate(model=lm, tasks=list(lm_names.values()), task_manager=tm,
+                                       log_samples=True, random_seed=seed, numpy_random_seed=seed,
+                                       torch_random_seed=seed, fewshot_random_seed=seed)
+    finally:
+        if merging is not None: merging.__exit__(None, None, None)
+        model.train(was_training); quiet.__exit__()
+        if lm is not None: lm.__dict__.clear()   # the partials above refer back to lm: no cycle keeps the model alive
+        lm = None
+
+# %% ../nbs/05_eval.ipynb #e5a1c0d7
+def _task_results(raw: dict, lm_names: dict, rows: dict, protocol: str) -> dict:
+    "`evaluate`'s per-task results from lm-eval's raw output (+ `bbh`, the macro average of BBH subtasks)."
+    res = {}
+    for n, t in lm_names.items():
+        r = raw["results"][t]
+        metric, filt = primary_metric(r)
+        samples = sorted((s for s in raw["samples"][t] if s.get("filter", "none") == filt), key=lambda s: s["doc_id"])
+        per = [[str(rows[n][s["doc_id"]]["id"]), bool(s[metric])] for s in samples]
+        res[n] = dict(acc=float(r[f"{metric},{filt}"]), acc_stderr=_stderr(r.get(f"{metric}_stderr,{filt}")), n=len(per),
+                      protocol=protocol, metric=f"{metric},{filt}", per_example=per)
+        if "parsed,none" in r: res[n]["parse_rate"] = float(r["parsed,none"])
+        if f"acc_norm,{filt}" in r: res[n]["acc_norm"] = float(r[f"acc_norm,{filt}"])  # stock multiple-choice tasks
+    bbh = [n for n in rows if n.startswith("bbh/")]
+    if bbh: res["bbh"] = _macro(res, bbh)
+    return res
+
 # %% ../nbs/05_eval.ipynb #768b3611
 def evaluate(model,                        # an in-memory transformers causal LM (adapters injected or merged)
              tokenizer,                    # its tokenizer
@@ -398,67 +475,12 @@ def evaluate(model,                        # an in-memory transformers causal LM
              shared_prompt: bool = True,   # loglik: one packed forward per row (`shared_prompt_lm`)
              prefix_cache: bool = False) -> dict:  # generate: a prefix shared by ≥ 64 tokens is computed once (`prefix_greedy`)
     "Evaluate `model` on `tasks` with lm-eval; `{task: {acc, acc_stderr, n, parse_rate, per_example}}` (+ `bbh`)."
-    import lm_eval, torch
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-    if protocol not in PROTOCOLS: raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
-    check_int("limit", limit, minimum=1, none_ok=True, note="None evaluates every row.")
-    check_int("batch_size", batch_size)
-    check_int("max_new_tokens", max_new_tokens, none_ok=True)
-    names = expand_tasks(tasks)
-    if not names: raise ValueError("tasks is empty: give at least one task to evaluate, e.g. tasks=['piqa'].")
-    rows = {n: D.load_task(n, "eval", n=limit, seed=seed, data_dir=data_dir) for n in names}
-    empty = [n for n in names if not rows[n]]
-    if empty: raise ValueError(f"no evaluation rows for {empty}: their eval split is empty in the data folder "
-                               f"({D.data_dir(data_dir) or 'hub'}); check the files, or leave these tasks out.")
-    if protocol == "loglik":
-        bad = [n for n in names if not rows[n] or not all(ex.get("choices") for ex in rows[n])]
-        if bad: raise ValueError(f"protocol 'loglik' needs answer choices; {bad} have free-form answers: "
-                                 "evaluate them with protocol='generate'.")
-    if protocol == "stock": [stock_yaml(n) for n in names]  # fail early on tasks with no stock definition
-    was_training = model.training
-    quiet, lm, merging = _Quiet(), None, None
+    rows = _eval_rows(protocol, limit, batch_size, max_new_tokens, tasks, seed, data_dir)
     with tempfile.TemporaryDirectory(prefix="alignlora-eval-") as tmp:
-        tmp = Path(tmp); lm_names = {}
-        for n in names:
-            f = tmp / f"{lm_task_name(n, protocol)}.jsonl"
-            write_rows(f, rows[n], protocol)
-            train_file = None
-            if protocol == "stock" and n == "gsm8k":  # stock GSM8K is 5-shot from the training split
-                train_file = tmp / "gsm8k_train.jsonl"
-                write_rows(train_file, D.load_task(n, "train", data_dir=data_dir), "stock")
-            lm_names[n] = write_task_yaml(tmp, n, protocol, f, train_file, max_new_tokens)
-        try:
-            quiet.__enter__()
-            tm = TaskManager(include_path=str(tmp), include_defaults=False)
-            # log-likelihoods from an fp32 softmax on any model dtype (bf16 logits tie and flip choices)
-            merging = merged_adapters(model, merge); merging.__enter__()
-            LM = shared_prompt_lm() if shared_prompt or prefix_cache else HFLM
-            lm = LM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
-            if LM is not HFLM: lm.packed, lm.prefix_min = shared_prompt, (64 if prefix_cache else None)
-            if not progress:  # lm-eval's request loops take `disable_tqdm`; its evaluator does not pass it on
-                for req in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
-                    setattr(lm, req, functools.partial(getattr(lm, req), disable_tqdm=True))
-            raw = lm_eval.simple_evaluate(model=lm, tasks=list(lm_names.values()), task_manager=tm,
-                                          log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                                          torch_random_seed=seed, fewshot_random_seed=seed)
-        finally:
-            if merging is not None: merging.__exit__(None, None, None)
-            model.train(was_training); quiet.__exit__()
-            if lm is not None: lm.__dict__.clear()   # the partials above refer back to lm: no cycle keeps the model alive
-            lm = None
-    res = {}
-    for n, t in lm_names.items():
-        r = raw["results"][t]
-        metric, filt = primary_metric(r)
-        samples = sorted((s for s in raw["samples"][t] if s.get("filter", "none") == filt), key=lambda s: s["doc_id"])
-        per = [[str(rows[n][s["doc_id"]]["id"]), bool(s[metric])] for s in samples]
-        res[n] = dict(acc=float(r[f"{metric},{filt}"]), acc_stderr=_stderr(r.get(f"{metric}_stderr,{filt}")), n=len(per),
-                      protocol=protocol, metric=f"{metric},{filt}", per_example=per)
-        if "parsed,none" in r: res[n]["parse_rate"] = float(r["parsed,none"])
-        if f"acc_norm,{filt}" in r: res[n]["acc_norm"] = float(r[f"acc_norm,{filt}"])  # stock multiple-choice tasks
-    bbh = [n for n in names if n.startswith("bbh/")]
-    if bbh: res["bbh"] = _macro(res, bbh)
+        lm_names = _write_task_folder(Path(tmp), rows, protocol, data_dir, max_new_tokens)
+        raw = _run_lm_eval(model, tokenizer, Path(tmp), lm_names, batch_size, seed, progress, merge, shared_prompt,
+                           prefix_cache)
+    res = _task_results(raw, lm_names, rows, protocol)
     if output_dir is not None: _write_outputs(output_dir, raw, res, lm_names)
     return res
 

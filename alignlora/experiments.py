@@ -16,34 +16,17 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['PROFILES', 'AUTHORS_SCHEDULES', 'R_LORA_FAMILY', 'DTYPE_ALIASES', 'DTYPES', 'DEVICE_CLASSES', 'TRAIN_ARGS', 'CALLS',
-           'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'CLAIM_COLUMNS', 'atomic_write', 'atomic_json',
-           'Profile', 'profile_train_args', 'profile_dtype', 'get_profile', 'checked_profile', 'check_run_spec',
-           'check_eval_spec', 'device_class', 'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval',
-           'boot_summary', 'paired_bootstrap', 'mde', 'rows_for_mde', 'fmt_pm', 'verdict', 'bootstrap_rows', 'hardware',
-           'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status',
-           'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'run', 'run_grid', 'collect',
-           'per_example', 'printed_match', 'claim_row', 'write_claims', 'holm', 'adjust_claims', 'adjust_claim_files',
-           'project_root', 'paper_notebooks', 'reproduce', 'reproduce_cli', 'claims_summary', 'write_index',
-           'memory_table']
+           'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'CLAIM_COLUMNS', 'Profile', 'profile_train_args',
+           'profile_dtype', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec', 'device_class',
+           'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'boot_summary', 'paired_bootstrap',
+           'mde', 'rows_for_mde', 'fmt_pm', 'verdict', 'bootstrap_rows', 'hardware', 'data_manifest_hash', 'provenance',
+           'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere',
+           'Claim', 'load_run', 'eval_status', 'run', 'run_grid', 'collect', 'per_example', 'printed_match',
+           'claim_row', 'write_claims', 'holm', 'adjust_claims', 'adjust_claim_files', 'project_root',
+           'paper_notebooks', 'reproduce', 'reproduce_cli', 'claims_summary', 'write_index', 'memory_table']
 
 # %% ../nbs/06_experiments.ipynb #40fe7225
-def atomic_write(path: str | Path,     # target file
-                 data: str | bytes):   # full content
-    "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
-
-def atomic_json(path, obj):
-    "Write `obj` as indented JSON atomically."
-    return atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+from .files import atomic_write, atomic_json
 
 # %% ../nbs/06_experiments.ipynb #8a6473b1
 @dataclass(frozen=True)
@@ -72,6 +55,7 @@ class Profile:
     authors_schedules: bool = False       # paper: each method family's schedule from the authors' scripts
     note: str = ""
 
+# %% ../nbs/06_experiments.ipynb #18d997b5
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("smoke", "tiny", n_train=8, k=2, max_steps=2, lr=1e-3, max_length=128, eval_limit=4, gsm8k_limit=2,
             bbh_limit=2, max_new_tokens=8, label_max_new_tokens=8, bbh_max_new_tokens=8, eval_batch_size=4,
@@ -92,7 +76,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             note="the paper's hyper-parameters (lr 2e-4, 1 epoch, α 32, max length 512, bf16; 5 rows per device x accumulation 10 = 10 samples per task per step); models from the hub"),
 ]}
 
-# The authors' scripts (PAPER.md §3). Their Align-LoRA/LoRA script sets no schedule, warmup or weight decay, so the
+# %% ../nbs/06_experiments.ipynb #f23a58c1
+# The authors' scripts (paper notes §3). Their Align-LoRA/LoRA script sets no schedule, warmup or weight decay, so the
 # Trainer's defaults apply; their R-LoRA script sets cosine with warmup 0.03 (r-lora and m-lora, R-LoRA without router).
 AUTHORS_SCHEDULES = {
     "default": dict(lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0),
@@ -138,6 +123,7 @@ def checked_profile(profile) -> "Profile":
         raise unknown_name("profile", profile, PROFILES, "profile")
     return get_profile(profile)
 
+# %% ../nbs/06_experiments.ipynb #54af4f6b
 def check_run_spec(s) -> None:
     "Raise a clear error for any field of a `RunSpec` that training would misread or fail on late."
     from alignlora.errors import check_int, check_names, check_number, unknown_name
@@ -174,6 +160,7 @@ def check_run_spec(s) -> None:
         check_alignment(m.align, m.align_lambda, m.adapter, s.k, grad_accum=s.grad_accum)   # per optimizer step
         if len(s.tasks) < 2: raise ValueError(f"tasks={list(s.tasks)}: alignment ({s.method}) needs at least 2 tasks.")
 
+# %% ../nbs/06_experiments.ipynb #fed3bdf2
 def check_eval_spec(e) -> None:
     "Raise a clear error for any field of an `EvalSpec` that evaluation would misread or fail on late."
     from alignlora.errors import check_int, unknown_name
@@ -232,6 +219,7 @@ class RunSpec:
         extra = ",".join(f"{k}={v}" for k, v in self.overrides)
         return f"{self.method}{'[' + extra + ']' if extra else ''}/s{self.seed}"
 
+# %% ../nbs/06_experiments.ipynb #25556361
 @dataclass(frozen=True)
 class EvalSpec:
     "One evaluation of a run: tasks, protocol and rows."
@@ -246,6 +234,7 @@ class EvalSpec:
     @property
     def key(self) -> str: return _hash(asdict(self))
 
+# %% ../nbs/06_experiments.ipynb #26aeb354
 def make_spec(profile: str | Profile,       # profile giving model and training budget
               method: str,                  # method preset name or 'base'
               tasks: Iterable[str],         # training tasks
@@ -667,6 +656,7 @@ def _free_memory():
     gc.collect()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
 
+# %% ../nbs/06_experiments.ipynb #360a1ec7
 def run(spec: RunSpec,                       # what to train
         evals: Iterable[EvalSpec] = (),      # what to evaluate it on
         runs_dir_: str | Path | None = None, # run cache folder (default $ALIGNLORA_RUNS or runs/)
@@ -720,7 +710,6 @@ def run(spec: RunSpec,                       # what to train
     finally:
         model = tok = None; _free_memory()   # the next run loads into freed memory
     return out
-
 
 # %% ../nbs/06_experiments.ipynb #68f29c74
 def _tidy(spec: RunSpec, ekey: str, rec: dict) -> list[dict]:
@@ -898,6 +887,7 @@ def _cache_counts(runs_dir_) -> tuple[int, int]:
     d = Path(runs_dir_)
     return len(list(d.glob("*/TRAINED"))), len(list(d.glob("*/eval/*.json")))
 
+# %% ../nbs/06_experiments.ipynb #03532a98
 def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
               results_dir: str | Path | None = None,  # default results/<profile>
               seeds: Iterable[int] | None = None,     # default: the profile's seeds
@@ -946,6 +936,7 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
     write_index(results_dir.parent)
     return merged
 
+# %% ../nbs/06_experiments.ipynb #bf568640
 def reproduce_cli(argv=None):
     "Command line of `make reproduce`."
     import argparse
