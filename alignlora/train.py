@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from fastcore.basics import patch
 
 from .models import load_model
-from .data import load_task, encode_many, collate, BalancedSampler
+from .data import load_task, encode_many, collate, BalancedSampler, MultiTaskData
 from .adapters import add_adapters, capture_features, save_adapters, load_adapters, adapter_layers
 from .methods import get_method
-from .align import align_loss, align_groups, check_align_samples, check_align_groups, _compute_dtype
+from .align import (align_loss, align_groups, check_align_args, check_align_samples, check_align_groups,
+                             DEFAULT_LAMBDA, _compute_dtype)
 
 # %% auto #0
 __all__ = ['IGNORE', 'SEGMENT_ATTENTION', 'ALIGN_MASKS', 'PAPER_TRAINING', 'RUN_FOLDER_FILES', 'shift_labels', 'pad_collate',
@@ -190,17 +192,20 @@ def alignment_mask(input_ids: torch.Tensor,       # [batch, seq] padded layout (
         m[rows, :shared] = False
     return m
 
-def check_alignment(kind: str | None, lam: float, adapter_config=None, k: int | None = None, pack: bool = False,
-                    align_mask: str = "tokens", grad_accum: int = 1, groups: str = "task") -> tuple[str | None, float]:
+# %% ../nbs/04_train.ipynb #chk-code
+def check_alignment(kind: str | None,     # alignment kind, one of `alignlora.align.ALIGN_KINDS`; None: no alignment
+                    lam: float,           # λ (0: no alignment)
+                    adapter_config=None,  # the method's `AdapterConfig` (experts > 1 cannot be aligned)
+                    k: int | None = None, # samples of every task per micro-batch
+                    pack: bool = False,   # packed batches
+                    align_mask: str = "tokens",  # one of `ALIGN_MASKS`
+                    grad_accum: int = 1,  # micro-batches per optimizer step
+                    groups: str = "task", # see `alignlora.align.align_groups`
+                   ) -> tuple[str | None, float]:
     "Validate the alignment settings before training; returns `(kind, λ)` (`kind=None` / λ=0: no alignment)."
     if kind is None: return None, 0.0
-    if kind not in ("kl", "mmd"):
-        raise ValueError(f"Unknown alignment loss kind {kind!r}: use 'kl' (A-LoRA-K), 'mmd' (A-LoRA-M) or None.")
-    try: lam = float(lam)
-    except (TypeError, ValueError): raise ValueError(f"align_lambda must be a number, got {lam!r}") from None
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"align_lambda (λ) must be finite and ≥ 0, got {lam}; 0 turns the alignment loss off "
-                         "(paper defaults: kl 0.2, mmd 0.01).")
+    if lam is None: raise ValueError("align_lambda must be a number, got None (paper defaults: kl 0.2, mmd 0.01).")
+    kind, lam = check_align_args(kind, lam)       # the kind and λ checks of `alignlora.align`
     if align_mask not in ALIGN_MASKS: raise ValueError(f"align_mask must be one of {ALIGN_MASKS}, got {align_mask!r}")
     if align_mask == "all" and pack:
         raise ValueError("align_mask='all' (padding included, as the released code) needs padded batches: pass pack=False.")
@@ -346,147 +351,179 @@ class AlignTrainer(Trainer):
         self._sums = torch.zeros(5, dtype=torch.float64)  # lm CE sum, lm tokens, align sum, micro-batches, real tokens
         self.real_tokens = 0
 
-    def train(self, *args, **kwargs):
-        "`Trainer.train`, on per-sequence attention throughout when packing (checkpoint recomputation included)."
-        with segment_attention(self.model, enabled=self.pack and self.per_sequence_attention):
-            return super().train(*args, **kwargs)
+# %% ../nbs/04_train.ipynb #at-train
+@patch
+def train(self: AlignTrainer, *args, **kwargs):
+    "`Trainer.train`, on per-sequence attention throughout when packing (checkpoint recomputation included)."
+    with segment_attention(self.model, enabled=self.pack and self.per_sequence_attention):
+        return super(AlignTrainer, self).train(*args, **kwargs)
 
-    # ---- data ----
-    def collate(self, features):
-        "The micro-batch collator: packed or padded, plus host-side counts and indices (no device sync later)."
-        b = pack_collate(features, self.pad_token_id, self.pack_max_tokens) if self.pack else pad_collate(features, self.pad_token_id)
-        real = b.get("unpack_mask", b["attention_mask"] if not self.pack else None)
-        b["real_tokens"] = int(real.sum())                                         # built on the CPU
-        if "cu_seq_lens" in b: b["cu_seq_bounds"] = b["cu_seq_lens"].tolist()
-        keep = b["shift_labels"] != IGNORE
-        if keep.shape[0] == 1: b["logits_index"] = keep[0].nonzero().flatten()
-        return b
+# %% ../nbs/04_train.ipynb #at-data
+@patch
+def collate(self: AlignTrainer, features):
+    "The micro-batch collator: packed or padded, plus host-side counts and indices (no device sync later)."
+    b = pack_collate(features, self.pad_token_id, self.pack_max_tokens) if self.pack else pad_collate(features, self.pad_token_id)
+    real = b.get("unpack_mask", b["attention_mask"] if not self.pack else None)
+    b["real_tokens"] = int(real.sum())                                         # built on the CPU
+    if "cu_seq_lens" in b: b["cu_seq_bounds"] = b["cu_seq_lens"].tolist()
+    keep = b["shift_labels"] != IGNORE
+    if keep.shape[0] == 1: b["logits_index"] = keep[0].nonzero().flatten()
+    return b
 
-    def get_train_dataloader(self) -> DataLoader:
-        "Balanced batches for this rank: k examples of every task in every micro-batch."
-        if self.train_dataset is None: raise ValueError("AlignTrainer: training requires a train_dataset.")
-        sampler = BalancedBatches(self.task_sizes, self.k, seed=self.args.data_seed if self.args.data_seed is not None
-                                  else self.args.seed, rank=self.args.process_index, world_size=self.args.world_size)
-        return _EpochDataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.collate,
-                                num_workers=self.args.dataloader_num_workers)
+@patch
+def get_train_dataloader(self: AlignTrainer) -> DataLoader:
+    "Balanced batches for this rank: k examples of every task in every micro-batch."
+    if self.train_dataset is None: raise ValueError("AlignTrainer: training requires a train_dataset.")
+    sampler = BalancedBatches(self.task_sizes, self.k, seed=self.args.data_seed if self.args.data_seed is not None
+                              else self.args.seed, rank=self.args.process_index, world_size=self.args.world_size)
+    return _EpochDataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.collate,
+                            num_workers=self.args.dataloader_num_workers)
 
-    # ---- loss ----
-    def _padded_rows(self, batch: dict) -> tuple:
-        "(input_ids, real-token mask, labels, task ids) of a micro-batch in the padded layout (packed: unpacked)."
-        if "unpack_index" in batch:
-            ui, um = batch["unpack_index"], batch["unpack_mask"]
-            return unpack(batch["input_ids"], ui), um, unpack(batch["labels"], ui).masked_fill(~um, IGNORE), batch["task_ids"]
-        return batch["input_ids"], batch["attention_mask"].bool(), batch["labels"], batch["task_ids"]
+# %% ../nbs/04_train.ipynb #at-helpers
+@patch
+def _padded_rows(self: AlignTrainer, batch: dict) -> tuple:
+    "(input_ids, real-token mask, labels, task ids) of a micro-batch in the padded layout (packed: unpacked)."
+    if "unpack_index" in batch:
+        ui, um = batch["unpack_index"], batch["unpack_mask"]
+        return unpack(batch["input_ids"], ui), um, unpack(batch["labels"], ui).masked_fill(~um, IGNORE), batch["task_ids"]
+    return batch["input_ids"], batch["attention_mask"].bool(), batch["labels"], batch["task_ids"]
 
-    def _forward_args(self, inputs: dict) -> tuple[dict, bool]:
-        "The model's keyword arguments for a micro-batch, and whether it attends per packed sequence."
-        fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        per_seq = self.per_sequence_attention and inputs.get("cu_seq_lens") is not None
-        if per_seq:
-            fwd["cu_seq_lens_q"] = inputs["cu_seq_lens"]   # the 4-D mask stays: exact on any other attention
-            if "cu_seq_bounds" in inputs: inputs["cu_seq_lens"].host_bounds = list(inputs["cu_seq_bounds"])
-        return fwd, per_seq
+@patch
+def _forward_args(self: AlignTrainer, inputs: dict) -> tuple[dict, bool]:
+    "The model's keyword arguments for a micro-batch, and whether it attends per packed sequence."
+    fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    per_seq = self.per_sequence_attention and inputs.get("cu_seq_lens") is not None
+    if per_seq:
+        fwd["cu_seq_lens_q"] = inputs["cu_seq_lens"]   # the 4-D mask stays: exact on any other attention
+        if "cu_seq_bounds" in inputs: inputs["cu_seq_lens"].host_bounds = list(inputs["cu_seq_bounds"])
+    return fwd, per_seq
 
-    def _groups(self, task_ids: torch.Tensor) -> torch.Tensor:
-        "The alignment groups of a step's rows: task ids, or positional groups (seeded by seed and step)."
-        return align_groups(task_ids, self.align_groups, self.num_tasks, seed=self.args.seed * 100_003 + self.state.global_step)
+@patch
+def _groups(self: AlignTrainer, task_ids: torch.Tensor) -> torch.Tensor:
+    "The alignment groups of a step's rows: task ids, or positional groups (seeded by seed and step)."
+    return align_groups(task_ids, self.align_groups, self.num_tasks, seed=self.args.seed * 100_003 + self.state.global_step)
 
-    def _align_value(self, feats, groups, mask, task_ids) -> torch.Tensor:
-        try: return align_loss(feats, groups, kind=self.align, mask=mask, pool=self.align_pool, num_tasks=self.num_tasks)
-        except ValueError as e:
-            counts = torch.bincount(task_ids.cpu(), minlength=self.num_tasks).tolist()
-            raise ValueError(f"{e} [rows per task: {dict(zip(self.task_names, counts))}]") from None
+@patch
+def _align_value(self: AlignTrainer, feats, groups, mask, task_ids) -> torch.Tensor:
+    "`align_loss` of the rows; a batch that cannot be aligned raises with its rows per task in the message."
+    try: return align_loss(feats, groups, kind=self.align, mask=mask, pool=self.align_pool, num_tasks=self.num_tasks)
+    except ValueError as e:
+        counts = torch.bincount(task_ids.cpu(), minlength=self.num_tasks).tolist()
+        raise ValueError(f"{e} [rows per task: {dict(zip(self.task_names, counts))}]") from None
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        "The step's micro-batches, kept for the pre-pass when the alignment spans several of them."
-        batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._step_batches = batches if self.align is not None and len(batches) > 1 else None
-        return batches, n_items
+# %% ../nbs/04_train.ipynb #at-batches
+@patch
+def get_batch_samples(self: AlignTrainer, epoch_iterator, num_batches, device):
+    "The step's micro-batches, kept for the pre-pass when the alignment spans several of them."
+    batches, n_items = super(AlignTrainer, self).get_batch_samples(epoch_iterator, num_batches, device)
+    self._step_batches = batches if self.align is not None and len(batches) > 1 else None
+    return batches, n_items
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        "LM loss (normalised over the accumulated batch) + λ · this micro-batch's share of the step's alignment loss."
-        inputs = dict(inputs)
-        labels, task_ids = inputs["labels"], inputs["task_ids"]
-        shifted = inputs.get("shift_labels")
-        if shifted is None: shifted = shift_labels(labels)
-        fwd, per_seq = self._forward_args(inputs)
-        keep = shifted != IGNORE
-        if self.supervised_logits:   # one packed row: 1-D positions (any transformers 5.x); else a [rows, T] bool mask
-            fwd["logits_to_keep"] = (inputs["logits_index"] if "logits_index" in inputs else keep[0].nonzero().flatten()) \
-                if keep.shape[0] == 1 else keep
-        unwrapped = self.accelerator.unwrap_model(model)
-        aligning = self.align is not None and model.training
-        if aligning and getattr(self, "_step_batches", None):
-            # the pre-pass runs at the step's first micro-batch, not in get_batch_samples: on resume the Trainer restores
-            # the checkpoint's generator state only after fetching the batches, and the masks must be drawn from it
-            self._step_shares, self._step_batches = _step_alignment(self, model, self._step_batches), None
-        share = self._step_shares.pop(0) if aligning and self._step_shares else None
-        if share is not None: _set_rng_state(share.rng, self.args.device)   # the pre-pass's dropout masks
-        cap = capture_features(unwrapped) if aligning else contextlib.nullcontext([])
-        with cap as feats, segment_attention(unwrapped, enabled=per_seq):
-            out = model(**fwd, use_cache=False)
-        logits = out.logits
-        targets = shifted[keep] if self.supervised_logits else shifted.reshape(-1)
-        logits = logits.reshape(-1, logits.shape[-1])
-        if logits.dtype != torch.float64: logits = logits.float()   # CE in at least fp32 (bf16 models)
-        ce_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
-        n_sup = keep.sum()
-        if num_items_in_batch is not None:
-            lm = ce_sum / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                lm = lm * self.args.world_size   # DDP averages gradients over ranks; N counts all ranks' tokens
-        else:
-            lm = ce_sum / n_sup.clamp(min=1) / self.args.gradient_accumulation_steps
-        loss, al = lm, None
-        if aligning:
-            if not feats: raise RuntimeError("alignment is on but no adapter features were captured: add adapters first.")
-            ui = inputs.get("unpack_index")
-            if ui is not None: feats = [unpack(f, ui) for f in feats]
-            if share is not None:   # ⟨X_j, ∂L/∂X_j⟩: its gradient is this micro-batch's share of dL/dθ
-                loss = loss + self.align_lambda * sum((f.to(g.dtype) * g).sum() for f, g in zip(feats, share.grads))
-                al, self._align_samples = share.value, share.samples
-            else:                   # the step is this one micro-batch
-                rows = self._padded_rows(inputs)
-                groups = self._groups(task_ids)
-                al = self._align_value(feats, groups, alignment_mask(*rows, self.align_mask), task_ids)
-                loss = loss + self.align_lambda * al
-                self._align_samples = torch.bincount(groups).min()   # read at logging time
-        if model.training:   # running sums stay on the device: no sync per micro-batch
-            real = inputs.get("real_tokens")
-            if real is None: um = inputs.get("unpack_mask"); real = int(um.sum() if um is not None else inputs["attention_mask"].sum())
-            self.real_tokens += real
-            z = ce_sum.new_zeros((), dtype=torch.float64)
-            a = (al.detach().double(), z + 1) if al is not None else (z, z)
-            if self._sums.device != z.device: self._sums = self._sums.to(z.device)
-            self._sums += torch.stack([ce_sum.detach().double(), n_sup.double(), a[0], a[1], z + real])
-        return (loss, out) if return_outputs else loss
+# %% ../nbs/04_train.ipynb #at-lm-loss
+@patch
+def _lm_loss(self: AlignTrainer, ce_sum: torch.Tensor, n_sup: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    "The micro-batch's summed CE over the supervised tokens of the whole accumulated batch (all ranks under DDP)."
+    if num_items_in_batch is not None:
+        lm = ce_sum / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            lm = lm * self.args.world_size   # DDP averages gradients over ranks; N counts all ranks' tokens
+        return lm
+    return ce_sum / n_sup.clamp(min=1) / self.args.gradient_accumulation_steps
 
-    # ---- logs ----
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        "Adds `lm_loss` (token mean since the last log), `align_loss` and `align_samples` (per task) to training logs."
-        if "loss" in logs:
-            s = self._sums.to(self.args.device, torch.float32 if self.args.device.type == "mps" else torch.float64)
-            if self.args.world_size > 1: s = self.accelerator.reduce(s, reduction="sum")
-            s = s.cpu().tolist()
-            logs["lm_loss"] = s[0] / max(s[1], 1)
-            if self.align is not None:
-                logs["align_loss"] = s[2] / max(s[3], 1)           # mean over the steps since the last log
-                n = getattr(self, "_align_samples", None)
-                logs["align_samples"] = int(n) if n is not None else None
-            logs["tokens"] = int(s[4])
-            self._sums.zero_()
-        super().log(logs, start_time)
+@patch
+def _align_term(self: AlignTrainer, inputs: dict, feats: list, share: _StepShare | None, task_ids) -> tuple:
+    "(the term λ multiplies, the alignment loss to log) of a micro-batch, from its captured features."
+    if not feats: raise RuntimeError("alignment is on but no adapter features were captured: add adapters first.")
+    ui = inputs.get("unpack_index")
+    if ui is not None: feats = [unpack(f, ui) for f in feats]
+    if share is not None:   # ⟨X_j, ∂L/∂X_j⟩: its gradient is this micro-batch's share of dL/dθ
+        self._align_samples = share.samples
+        return sum((f.to(g.dtype) * g).sum() for f, g in zip(feats, share.grads)), share.value
+    rows = self._padded_rows(inputs)   # the step is this one micro-batch
+    groups = self._groups(task_ids)
+    al = self._align_value(feats, groups, alignment_mask(*rows, self.align_mask), task_ids)
+    self._align_samples = torch.bincount(groups).min()   # read at logging time
+    return al, al
 
-    # ---- checkpoints: adapters only ----
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save: return
-        os.makedirs(output_dir, exist_ok=True)
-        save_adapters(self.accelerator.unwrap_model(self.model), os.path.join(output_dir, "adapters"))
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+@patch
+def _add_to_sums(self: AlignTrainer, inputs: dict, ce_sum: torch.Tensor, n_sup: torch.Tensor, al) -> None:
+    "Adds a training micro-batch to the running sums the log reports, on the device (no sync per micro-batch)."
+    real = inputs.get("real_tokens")
+    if real is None: um = inputs.get("unpack_mask"); real = int(um.sum() if um is not None else inputs["attention_mask"].sum())
+    self.real_tokens += real
+    z = ce_sum.new_zeros((), dtype=torch.float64)
+    a = (al.detach().double(), z + 1) if al is not None else (z, z)
+    if self._sums.device != z.device: self._sums = self._sums.to(z.device)
+    self._sums += torch.stack([ce_sum.detach().double(), n_sup.double(), a[0], a[1], z + real])
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_adapters(self.accelerator.unwrap_model(model or self.model), os.path.join(resume_from_checkpoint, "adapters"))
+# %% ../nbs/04_train.ipynb #at-compute-loss
+@patch
+def compute_loss(self: AlignTrainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+    "LM loss (normalised over the accumulated batch) + λ · this micro-batch's share of the step's alignment loss."
+    inputs = dict(inputs)
+    labels, task_ids = inputs["labels"], inputs["task_ids"]
+    shifted = inputs.get("shift_labels")
+    if shifted is None: shifted = shift_labels(labels)
+    fwd, per_seq = self._forward_args(inputs)
+    keep = shifted != IGNORE
+    if self.supervised_logits:   # one packed row: 1-D positions (any transformers 5.x); else a [rows, T] bool mask
+        fwd["logits_to_keep"] = (inputs["logits_index"] if "logits_index" in inputs else keep[0].nonzero().flatten()) \
+            if keep.shape[0] == 1 else keep
+    unwrapped = self.accelerator.unwrap_model(model)
+    aligning = self.align is not None and model.training
+    if aligning and getattr(self, "_step_batches", None):
+        # the pre-pass runs at the step's first micro-batch, not in get_batch_samples: on resume the Trainer restores
+        # the checkpoint's generator state only after fetching the batches, and the masks must be drawn from it
+        self._step_shares, self._step_batches = _step_alignment(self, model, self._step_batches), None
+    share = self._step_shares.pop(0) if aligning and self._step_shares else None
+    if share is not None: _set_rng_state(share.rng, self.args.device)   # the pre-pass's dropout masks
+    cap = capture_features(unwrapped) if aligning else contextlib.nullcontext([])
+    with cap as feats, segment_attention(unwrapped, enabled=per_seq):
+        out = model(**fwd, use_cache=False)
+    logits = out.logits
+    targets = shifted[keep] if self.supervised_logits else shifted.reshape(-1)
+    logits = logits.reshape(-1, logits.shape[-1])
+    if logits.dtype != torch.float64: logits = logits.float()   # CE in at least fp32 (bf16 models)
+    ce_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    n_sup = keep.sum()
+    loss, al = self._lm_loss(ce_sum, n_sup, num_items_in_batch), None
+    if aligning:
+        term, al = self._align_term(inputs, feats, share, task_ids)
+        loss = loss + self.align_lambda * term
+    if model.training: self._add_to_sums(inputs, ce_sum, n_sup, al)
+    return (loss, out) if return_outputs else loss
+
+# %% ../nbs/04_train.ipynb #at-log
+@patch
+def log(self: AlignTrainer, logs: dict[str, float], start_time: float | None = None) -> None:
+    "Adds `lm_loss` (token mean since the last log), `align_loss` and `align_samples` (per task) to training logs."
+    if "loss" in logs:
+        s = self._sums.to(self.args.device, torch.float32 if self.args.device.type == "mps" else torch.float64)
+        if self.args.world_size > 1: s = self.accelerator.reduce(s, reduction="sum")
+        s = s.cpu().tolist()
+        logs["lm_loss"] = s[0] / max(s[1], 1)
+        if self.align is not None:
+            logs["align_loss"] = s[2] / max(s[3], 1)           # mean over the steps since the last log
+            n = getattr(self, "_align_samples", None)
+            logs["align_samples"] = int(n) if n is not None else None
+        logs["tokens"] = int(s[4])
+        self._sums.zero_()
+    super(AlignTrainer, self).log(logs, start_time)
+
+# %% ../nbs/04_train.ipynb #at-save
+@patch
+def _save(self: AlignTrainer, output_dir: str | None = None, state_dict=None) -> None:
+    "A checkpoint's model part: the adapters (`save_adapters`) and the training arguments."
+    output_dir = output_dir or self.args.output_dir
+    if not self.args.should_save: return
+    os.makedirs(output_dir, exist_ok=True)
+    save_adapters(self.accelerator.unwrap_model(self.model), os.path.join(output_dir, "adapters"))
+    torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+@patch
+def _load_from_checkpoint(self: AlignTrainer, resume_from_checkpoint: str, model=None) -> None:
+    "Resume: load a checkpoint's adapters into the model (the base model is the one training started from)."
+    load_adapters(self.accelerator.unwrap_model(model or self.model), os.path.join(resume_from_checkpoint, "adapters"))
 
 # %% ../nbs/04_train.ipynb #68a62944
 @dataclass
@@ -644,6 +681,137 @@ def last_good_checkpoint(ckpt_dir: str | Path) -> str | None:
         shutil.rmtree(c)
     return None
 
+# %% ../nbs/04_train.ipynb #tr-resolve
+@dataclass
+class _Settings:
+    "`train`'s arguments as training uses them: resolved against the method and checked."
+    tasks: list[str]      # task names, in training order
+    method: Any           # the method object
+    k: int                # examples of every task per micro-batch (per rank)
+    align: str | None     # alignment kind; None: no alignment
+    align_lambda: float   # λ
+    align_groups: str     # 'task' | 'positional'
+    grad_accum: int       # micro-batches per optimizer step
+
+def _resolve(tasks, method, n_train, k, max_length, seed, dtype, output_dir, align, align_lambda, align_samples,
+             align_groups, pack, align_mask, training_args: dict) -> _Settings:
+    "Check `train`'s arguments and resolve them against the method (sets the batch and accumulation in `training_args`)."
+    task_names = check_train_args(tasks, n_train, k, max_length, seed, dtype, output_dir, training_args)
+    m = get_method(method) if isinstance(method, str) else method
+    if "per_device_train_batch_size" in training_args:
+        bs = training_args.pop("per_device_train_batch_size")
+        if bs % len(task_names): raise ValueError(f"per_device_train_batch_size={bs} is not a multiple of the "
+                                                  f"{len(task_names)} tasks; pass k (examples per task) instead.")
+        k = bs // len(task_names)
+    kind = getattr(m, "align", None) if align == "method" else align
+    lam = getattr(m, "align_lambda", None) if align_lambda is None else align_lambda
+    if kind is not None and lam is None: lam = DEFAULT_LAMBDA.get(kind, 0.0)
+    ga = _grad_accum(k, align_samples, training_args)
+    groups = align_groups or getattr(m, "align_groups", "task")
+    kind, lam = check_alignment(kind, lam or 0.0, getattr(m, "adapter", None), k, pack, align_mask, ga, groups)
+    if kind is not None and len(task_names) < 2: raise ValueError("alignment needs at least 2 tasks.")
+    check_checkpointing(kind if lam else None, training_args)
+    return _Settings(task_names, m, k, kind, lam, groups, ga)
+
+# %% ../nbs/04_train.ipynb #tr-build
+def _model_with_adapters(model_name, tokenizer, method, target_modules, seed: int, dtype, device) -> tuple:
+    "The base model (loaded by name, or the one given) with the method's adapters, initialised from `seed`."
+    if isinstance(model_name, str): model, tok = load_model(model_name, dtype=dtype, device=device)
+    else: model, tok = model_name, tokenizer
+    torch.manual_seed(seed)
+    add_adapters(model, method, target_modules=target_modules)
+    model.alignlora_method = method
+    return model, tok
+
+def _training_data(task_names: list[str], tok, n_train, seed: int, max_length: int, data_dir) -> MultiTaskData:
+    "The encoded training rows of every task, task by task, each with its task id (the order the sampler indexes)."
+    encoded = {}
+    for t in task_names:
+        rows = load_task(t, "train", n=n_train, seed=seed, data_dir=data_dir)
+        if not rows: raise ValueError(f"task {t!r} has no training rows")
+        encoded[t] = encode_many(rows, tok, max_length=max_length, skip_long=True)   # answers longer than max_length: row dropped
+    return MultiTaskData(encoded)
+
+def _run_config(model_name, s: _Settings, task_sizes: list[int], *, n_train, max_length, seed, align_pool, align_mask,
+                pack, pack_max_tokens, supervised_logits, target_modules, dtype, device, data_dir, training_args) -> dict:
+    "The resolved configuration of a run (`config.json`; its fingerprint identifies a resumable partial run)."
+    return dict(model=model_name if isinstance(model_name, str) else type(model_name).__name__,
+                method=_method_dict(s.method), tasks=s.tasks, task_sizes=task_sizes, n_train=n_train,
+                max_length=max_length, seed=seed, k=s.k, align=s.align, align_lambda=s.align_lambda,
+                align_pool=align_pool, align_mask=align_mask, align_groups=s.align_groups,
+                align_samples=s.k * s.grad_accum, pack=pack, pack_max_tokens=pack_max_tokens,
+                supervised_logits=supervised_logits, target_modules=list(target_modules) if target_modules else None,
+                dtype=str(dtype), device=str(device),
+                data_dir=str(data_dir) if data_dir else os.environ.get("ALIGNLORA_DATA"),
+                training_args_overrides=_jsonable(training_args))
+
+# %% ../nbs/04_train.ipynb #tr-folder
+@dataclass
+class _RunFolder:
+    "Where a run is written: `partial`, renamed to `output_dir` when it finishes (`output_dir` None: a temp folder)."
+    output_dir: Path | None     # the finished run folder
+    partial: Path               # where the run is written meanwhile
+    tmp_root: Path | None = None  # a temp folder to delete at the end
+    @property
+    def checkpoints(self) -> Path: return self.partial / "checkpoints"
+
+def _open_run_folder(output_dir, fingerprint: str, resume_from_checkpoint) -> _RunFolder:
+    "The partial folder of this configuration: kept when its fingerprint matches (resume), started over otherwise."
+    if output_dir is None:
+        tmp_root = Path(tempfile.mkdtemp(prefix="alignlora-train-"))
+        return _RunFolder(None, tmp_root, tmp_root)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    output_dir = Path(output_dir); partial = output_dir.with_name(output_dir.name + ".partial")
+    fp = partial / "fingerprint.json"
+    stale = partial.exists() and (resume_from_checkpoint is False or not fp.exists() or fp.read_text() != fingerprint)
+    if stale and rank0:
+        if resume_from_checkpoint is not False: warnings.warn(f"{partial} is from a different configuration; starting over.")
+        shutil.rmtree(partial)
+    if rank0: partial.mkdir(parents=True, exist_ok=True); fp.write_text(fingerprint)
+    return _RunFolder(output_dir, partial)
+
+def _resume_point(resume_from_checkpoint, ckpt_dir: Path) -> str | None:
+    "The checkpoint to resume from: None → the last good one, if any; True → it must exist; False → none; a path."
+    if resume_from_checkpoint is None or resume_from_checkpoint is True:
+        last = last_good_checkpoint(ckpt_dir)
+        if resume_from_checkpoint is True and last is None:
+            raise FileNotFoundError(f"resume_from_checkpoint=True but no checkpoint in {ckpt_dir}")
+        return last
+    return None if resume_from_checkpoint is False else resume_from_checkpoint
+
+# %% ../nbs/04_train.ipynb #tr-fit
+def _fit(trainer: AlignTrainer, resume: str | None, device) -> dict:
+    "Train (from checkpoint `resume`, if any); the run's metrics: wall time, steps, real tokens and tokens/s, peak memory."
+    if torch.cuda.is_available() and str(device).startswith("cuda"): torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    out = trainer.train(resume_from_checkpoint=resume)
+    wall = time.time() - t0
+    world = trainer.args.world_size
+    real = trainer.real_tokens * world
+    return dict(wall_time_s=wall, global_step=trainer.state.global_step, train_loss=out.training_loss,
+                real_tokens=real, tokens_per_s=real / wall if wall > 0 else None, world_size=world,
+                resumed_from=str(resume) if resume else None, **_peak_memory(device))
+
+def _finish_run(model, trainer: AlignTrainer, run: _RunFolder, config: dict, metrics: dict, keep_checkpoints: bool,
+                overwrite: bool) -> None:
+    "Model to eval mode; the main process writes the run folder and renames it into place; temp folders go."
+    model.eval()
+    if getattr(model, "is_gradient_checkpointing", False): model.gradient_checkpointing_disable()
+    trainer.accelerator.wait_for_everyone()
+    if run.output_dir is not None and trainer.args.should_save:
+        save_adapters(model, run.partial / "adapters")
+        import transformers, alignlora
+        config["versions"] = dict(torch=torch.__version__, transformers=transformers.__version__,
+                                  alignlora=getattr(alignlora, "__version__", None), python=sys.version.split()[0])
+        (run.partial / "config.json").write_text(json.dumps(config, indent=1))
+        (run.partial / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if not keep_checkpoints and run.checkpoints.exists(): shutil.rmtree(run.checkpoints)
+        (run.partial / "fingerprint.json").unlink(missing_ok=True)
+        _finalise(run.partial, run.output_dir, overwrite)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.free_memory()   # the Accelerator's references to model and optimizer: freed with the result
+    if run.tmp_root is not None: shutil.rmtree(run.tmp_root, ignore_errors=True)
+
 # %% ../nbs/04_train.ipynb #609d9d76
 def train(model_name: str,                      # `load_model` name / folder (or an already loaded model, with `tokenizer`)
           method,                               # method name ('align-lora-kl', ...) or a method object (`get_method`)
@@ -674,103 +842,27 @@ def train(model_name: str,                      # `load_model` name / folder (or
           callbacks: Sequence[TrainerCallback] = (),  # extra Trainer callbacks
           **training_args) -> TrainResult:      # anything else: `TrainingArguments` (max_steps, gradient_accumulation_steps, ...)
     "Train `method` on the balanced mix of `tasks`; write the run folder atomically; return the trained model and logs."
-    task_names = check_train_args(tasks, n_train, k, max_length, seed, dtype, output_dir, training_args)
-    m = get_method(method) if isinstance(method, str) else method
-    if "per_device_train_batch_size" in training_args:
-        bs = training_args.pop("per_device_train_batch_size")
-        if bs % len(task_names): raise ValueError(f"per_device_train_batch_size={bs} is not a multiple of the "
-                                                  f"{len(task_names)} tasks; pass k (examples per task) instead.")
-        k = bs // len(task_names)
-    kind = getattr(m, "align", None) if align == "method" else align
-    lam = getattr(m, "align_lambda", None) if align_lambda is None else align_lambda
-    if kind is not None and lam is None: lam = {"kl": 0.2, "mmd": 0.01}.get(kind, 0.0)
-    ga = _grad_accum(k, align_samples, training_args)
-    groups = align_groups or getattr(m, "align_groups", "task")
-    kind, lam = check_alignment(kind, lam or 0.0, getattr(m, "adapter", None), k, pack, align_mask, ga, groups)
-    if kind is not None and len(task_names) < 2: raise ValueError("alignment needs at least 2 tasks.")
-    check_checkpointing(kind if lam else None, training_args)
-
-    # model + adapters (seeded init)
-    if isinstance(model_name, str): model, tok = load_model(model_name, dtype=dtype, device=device)
-    else: model, tok = model_name, tokenizer
-    torch.manual_seed(seed)
-    add_adapters(model, m, target_modules=target_modules)
-    model.alignlora_method = m
-
-    # data: task-sorted list of encoded examples
-    features, sizes = [], []
-    for i, t in enumerate(task_names):
-        rows = load_task(t, "train", n=n_train, seed=seed, data_dir=data_dir)
-        if not rows: raise ValueError(f"task {t!r} has no training rows")
-        enc = encode_many(rows, tok, max_length=max_length, skip_long=True)   # answers longer than max_length: row dropped
-        features += [dict(f, task_id=i) for f in enc]; sizes.append(len(enc))
-
-    config = dict(model=model_name if isinstance(model_name, str) else type(model_name).__name__, method=_method_dict(m),
-                  tasks=task_names, task_sizes=sizes, n_train=n_train, max_length=max_length, seed=seed, k=k,
-                  align=kind, align_lambda=lam, align_pool=align_pool, align_mask=align_mask, align_groups=groups,
-                  align_samples=k * ga, pack=pack,
-                  pack_max_tokens=pack_max_tokens, supervised_logits=supervised_logits,
-                  target_modules=list(target_modules) if target_modules else None, dtype=str(dtype), device=str(device),
-                  data_dir=str(data_dir) if data_dir else os.environ.get("ALIGNLORA_DATA"),
-                  training_args_overrides=_jsonable(training_args))
-    fingerprint = json.dumps(config, sort_keys=True)
-
-    # where things go: <output_dir>.partial (renamed at the end), or a temp dir
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if output_dir is not None:
-        output_dir = Path(output_dir); partial = output_dir.with_name(output_dir.name + ".partial")
-        fp = partial / "fingerprint.json"
-        stale = partial.exists() and (resume_from_checkpoint is False or not fp.exists() or fp.read_text() != fingerprint)
-        if stale and rank0:
-            if resume_from_checkpoint is not False: warnings.warn(f"{partial} is from a different configuration; starting over.")
-            shutil.rmtree(partial)
-        if rank0: partial.mkdir(parents=True, exist_ok=True); fp.write_text(fingerprint)
-        tmp_root = None
-    else:
-        tmp_root = Path(tempfile.mkdtemp(prefix="alignlora-train-")); partial = tmp_root
-    ckpt_dir = partial / "checkpoints"
-    args = _training_args(ckpt_dir, k, len(task_names), seed, device, progress, training_args)
+    s = _resolve(tasks, method, n_train, k, max_length, seed, dtype, output_dir, align, align_lambda, align_samples,
+                 align_groups, pack, align_mask, training_args)
+    model, tok = _model_with_adapters(model_name, tokenizer, s.method, target_modules, seed, dtype, device)
+    data = _training_data(s.tasks, tok, n_train, seed, max_length, data_dir)
+    config = _run_config(model_name, s, data.task_sizes, n_train=n_train, max_length=max_length, seed=seed,
+                         align_pool=align_pool, align_mask=align_mask, pack=pack, pack_max_tokens=pack_max_tokens,
+                         supervised_logits=supervised_logits, target_modules=target_modules, dtype=dtype, device=device,
+                         data_dir=data_dir, training_args=training_args)
+    run = _open_run_folder(output_dir, json.dumps(config, sort_keys=True), resume_from_checkpoint)
+    args = _training_args(run.checkpoints, s.k, len(s.tasks), seed, device, progress, training_args)
     config["training_args"] = _jsonable(args.to_dict())
-
-    resume = resume_from_checkpoint
-    if resume is None or resume is True:
-        last = last_good_checkpoint(ckpt_dir)
-        if resume is True and last is None: raise FileNotFoundError(f"resume_from_checkpoint=True but no checkpoint in {ckpt_dir}")
-        resume = last
-    elif resume is False: resume = None
-
-    logger = _JsonlLog(partial / "log.jsonl" if output_dir is not None else None)
-    trainer = AlignTrainer(model=model, args=args, train_dataset=features, processing_class=tok, task_sizes=sizes,
-                           task_names=task_names, align=kind, align_lambda=lam, align_pool=align_pool,
-                           align_mask=align_mask, align_groups=groups, pack=pack, pack_max_tokens=pack_max_tokens,
+    resume = _resume_point(resume_from_checkpoint, run.checkpoints)
+    logger = _JsonlLog(run.partial / "log.jsonl" if run.output_dir is not None else None)
+    trainer = AlignTrainer(model=model, args=args, train_dataset=data, processing_class=tok, task_sizes=data.task_sizes,
+                           task_names=s.tasks, align=s.align, align_lambda=s.align_lambda, align_pool=align_pool,
+                           align_mask=align_mask, align_groups=s.align_groups, pack=pack, pack_max_tokens=pack_max_tokens,
                            supervised_logits=supervised_logits, callbacks=[logger, StopOnNonFinite(), *callbacks])
-    if torch.cuda.is_available() and str(device).startswith("cuda"): torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=resume)
-    wall = time.time() - t0
-    world = args.world_size
-    real = trainer.real_tokens * world
-    metrics = dict(wall_time_s=wall, global_step=trainer.state.global_step, train_loss=out.training_loss,
-                   real_tokens=real, tokens_per_s=real / wall if wall > 0 else None, world_size=world,
-                   resumed_from=str(resume) if resume else None, **_peak_memory(device))
-    model.eval()
-    if getattr(model, "is_gradient_checkpointing", False): model.gradient_checkpointing_disable()
-    trainer.accelerator.wait_for_everyone()
-    if output_dir is not None and trainer.args.should_save:
-        save_adapters(model, partial / "adapters")
-        import transformers, alignlora
-        config["versions"] = dict(torch=torch.__version__, transformers=transformers.__version__,
-                                  alignlora=getattr(alignlora, "__version__", None), python=sys.version.split()[0])
-        (partial / "config.json").write_text(json.dumps(config, indent=1))
-        (partial / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        if not keep_checkpoints and ckpt_dir.exists(): shutil.rmtree(ckpt_dir)
-        (partial / "fingerprint.json").unlink(missing_ok=True)
-        _finalise(partial, output_dir, overwrite)
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.free_memory()   # the Accelerator's references to model and optimizer: freed with the result
-    if tmp_root is not None: shutil.rmtree(tmp_root, ignore_errors=True)
-    return TrainResult(model=model, tokenizer=tok, output_dir=output_dir, log=logger.rows, metrics=metrics,
-                       config=config, method=m)
+    metrics = _fit(trainer, resume, device)
+    _finish_run(model, trainer, run, config, metrics, keep_checkpoints, overwrite)
+    return TrainResult(model=model, tokenizer=tok, output_dir=run.output_dir, log=logger.rows, metrics=metrics,
+                       config=config, method=s.method)
 
 # %% ../nbs/04_train.ipynb #d6784488
 @torch.no_grad()

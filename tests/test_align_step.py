@@ -111,7 +111,8 @@ def test_accumulated_step_equals_one_large_batch(rows, kind, checkpointing):
     g_ref = _reference_step(m, small, kind, LAM)
     align_small, align_large = g_small - g_lm, g_large - g_lm
     assert align_large.norm() > 1e-3 * g_lm.norm(), "the alignment term must move the gradient"
-    assert _rel(g_small, g_large) < 1e-9 and _rel(align_small, align_large) < 1e-9
+    assert _rel(g_small, g_large) < 1e-9
+    assert _rel(align_small, align_large) < 1e-9
     assert _rel(g_small, g_ref) < 1e-9
 
 
@@ -147,7 +148,8 @@ def test_positional_groups_are_exact_and_differ_from_task_groups(rows):
     g_small = _trainer_step(m, tok, small, K, GA, "mmd", LAM, groups="positional")
     g_large = _trainer_step(m, tok, large, K * GA, 1, "mmd", LAM, groups="positional")
     g_task = _trainer_step(m, tok, small, K, GA, "mmd", LAM)
-    assert _rel(g_small, g_large) < 1e-9 and _rel(g_small, g_task) > 1e-4
+    assert _rel(g_small, g_large) < 1e-9
+    assert _rel(g_small, g_task) > 1e-4
     tids = large[0]["task_ids"]
     groups = align_groups(tids, "positional", len(TASKS), seed=0)
     mixed = [len(set(tids[groups == g].tolist())) for g in range(len(TASKS))]
@@ -157,7 +159,8 @@ def test_positional_groups_are_exact_and_differ_from_task_groups(rows):
 def test_step_logs_samples_per_task():
     from alignlora.train import train
     r = train("tiny", "align-lora-mmd", TASKS, n_train=8, max_length=64, k=2, max_steps=2, align_samples=8, progress=False)
-    assert r.config["align_samples"] == 8 and r.config["training_args"]["gradient_accumulation_steps"] == 4
+    assert r.config["align_samples"] == 8
+    assert r.config["training_args"]["gradient_accumulation_steps"] == 4
     assert [row["align_samples"] for row in r.log] == [8, 8]
     with pytest.raises(ValueError, match="align_samples"):
         train("tiny", "align-lora-kl", TASKS, n_train=8, k=2, align_samples=5, progress=False)
