@@ -107,6 +107,8 @@ def method_diff(df: pd.DataFrame, corr: dict, a: str, b: str, tasks, by: str = "
     "`paired_tasks(corr[a], corr[b])` with the per-seed differences (`seed_diffs`) that `claim_row` adds to its SE."
     return paired_tasks(corr[a], corr[b]) | dict(seed_diffs=seed_diffs(df, a, b, tasks, by))
 
+
+# %% ../nbs/07_paper.ipynb #dc9a9f41
 def correctness(df_runs: pd.DataFrame, runs_dir, method_label: str, tasks, by: str = "method") -> dict:
     "{task: {id: mean correctness over seeds}} for one method, from the cached evaluations in a tidy frame."
     from alignlora.experiments import runs_dir as _rd
