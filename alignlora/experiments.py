@@ -319,7 +319,6 @@ def paired_bootstrap(a,                     # per-row scores of method A (0/1 co
         diff += d.mean() / len(strata_a); n += len(d)
     return boot_summary(boots, float(diff), n, conf)
 
-
 # %% ../nbs/06_experiments.ipynb #eb7f96bd
 def mde(se: float,                 # standard error of the difference
         alpha: float = 0.05,       # two-sided level
@@ -348,7 +347,6 @@ def verdict(paper_diff: float,   # the paper's difference (only its sign is used
     if lo > 0 and paper_diff > 0 or hi < 0 and paper_diff < 0: return "supported"
     if lo > 0 and paper_diff < 0 or hi < 0 and paper_diff > 0: return "contradicted"
     return "inconclusive"
-
 
 # %% ../nbs/06_experiments.ipynb #0e5065c9
 def bootstrap_rows(stat,                     # stat(indices) -> float, on rows resampled together (paired)

@@ -107,7 +107,6 @@ def method_diff(df: pd.DataFrame, corr: dict, a: str, b: str, tasks, by: str = "
     "`paired_tasks(corr[a], corr[b])` with the per-seed differences (`seed_diffs`) that `claim_row` adds to its SE."
     return paired_tasks(corr[a], corr[b]) | dict(seed_diffs=seed_diffs(df, a, b, tasks, by))
 
-
 # %% ../nbs/07_paper.ipynb #dc9a9f41
 def correctness(df_runs: pd.DataFrame, runs_dir, method_label: str, tasks, by: str = "method") -> dict:
     "{task: {id: mean correctness over seeds}} for one method, from the cached evaluations in a tidy frame."
@@ -148,7 +147,6 @@ def claim_rows(claims: list[Claim],  # the notebook's declared claims
         kw = {k: v for k, v in asdict(c).items() if k not in ("claim", "a", "b", "paper")}
         rows.append(claim_row(c.claim, c.paper, measure(c), table, **kw))
     return rows
-
 
 # %% ../nbs/07_paper.ipynb #3d713ee9
 import os, time
@@ -234,7 +232,6 @@ def rank_reproducing(model: str,            # registered model
         if printed_match(pct(r), printed, decimals): hits.append(r)
         r += 1
     return hits
-
 
 # %% ../nbs/07_paper.ipynb #1d97e85a
 def training_diagnostics(df_runs: pd.DataFrame,  # tidy frame from run_grid / collect (needs `key`, `method`)
