@@ -288,19 +288,27 @@ def boot_summary(boot: np.ndarray,        # B resampled values of the statistic
     return dict(diff=float(estimate), lo=float(lo), hi=float(hi), p=float(p), p_two_sided=min(1.0, 2 * min(below, above)),
                 se=float(np.std(boot, ddof=1)), n=int(n))
 
-def paired_bootstrap(a: Iterable[float],    # per-row scores of method A (0/1 correctness)
-                     b: Iterable[float],    # per-row scores of method B on the same rows, same order
+def paired_bootstrap(a,                     # per-row scores of method A (0/1 correctness), or {stratum: scores}
+                     b=None,                # B's scores on the same rows in the same order (same strata); None: mean(a) itself
                      n_boot: int = 10_000,  # resamples
                      conf: float = 0.95,
                      seed: int = 0) -> dict:
-    "Paired bootstrap of mean(a) − mean(b): difference, interval, p-values and bootstrap SE."
-    a, b = np.asarray(list(a), float), np.asarray(list(b), float)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"paired_bootstrap needs two equal-length, non-empty score lists (got {a.shape} and {b.shape})")
-    d = a - b
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
-    return boot_summary(d[idx].mean(1), float(d.mean()), len(d), conf)
+    """Paired bootstrap of mean(a) − mean(b): difference, interval, p-values and bootstrap SE. With strata (dicts), of
+    the macro average over strata: rows resampled within each stratum, one generator drawing stratum after stratum."""
+    strata_a = a if isinstance(a, dict) else {None: a}
+    strata_b = strata_a if b is None else b if isinstance(b, dict) else {None: b}
+    if list(strata_a) != list(strata_b): raise ValueError(f"paired_bootstrap: different strata {list(strata_a)} and {list(strata_b)}")
+    rng = np.random.default_rng(seed); boots = np.zeros(n_boot); diff = 0.0; n = 0
+    for k in strata_a:
+        x, y = np.asarray(list(strata_a[k]), float), np.asarray(list(strata_b[k]), float)
+        if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
+            raise ValueError(f"paired_bootstrap needs two equal-length, non-empty score lists (got {x.shape} and {y.shape})")
+        d = x if b is None else x - y
+        boots += d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1) / len(strata_a)
+        diff += d.mean() / len(strata_a); n += len(d)
+    return boot_summary(boots, float(diff), n, conf)
 
+# %% ../nbs/06_experiments.ipynb #eb7f96bd
 def mde(se: float,                 # standard error of the difference
         alpha: float = 0.05,       # two-sided level
         power: float = 0.8) -> float:
@@ -328,7 +336,6 @@ def verdict(paper_diff: float,   # the paper's difference (only its sign is used
     if lo > 0 and paper_diff > 0 or hi < 0 and paper_diff < 0: return "supported"
     if lo > 0 and paper_diff < 0 or hi < 0 and paper_diff > 0: return "contradicted"
     return "inconclusive"
-
 
 # %% ../nbs/06_experiments.ipynb #0e5065c9
 def bootstrap_rows(stat,                     # stat(indices) -> float, on rows resampled together (paired)

@@ -7,22 +7,21 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .experiments import seed_interval, fmt_pm, boot_summary
+from .data import PAPER_TASKS
+from .experiments import seed_interval, fmt_pm, paired_bootstrap, claim_row
 
 # %% auto #0
-__all__ = ['FIVE', 'PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_TABLE3', 'PAPER_TABLE4', 'PAPER_TABLE5', 'accuracy_table',
-           'paired_tasks', 'seed_diffs', 'method_diff', 'correctness', 'PaperContext', 'paper_context', 'pct_param',
-           'rank_reproducing', 'training_diagnostics']
+__all__ = ['PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_TABLE3', 'PAPER_TABLE4', 'PAPER_TABLE5', 'accuracy_table', 'paired_tasks',
+           'seed_diffs', 'method_diff', 'correctness', 'Claim', 'claim_rows', 'PaperContext', 'paper_context',
+           'pct_param', 'rank_reproducing', 'training_diagnostics']
 
 # %% ../nbs/07_paper.ipynb #1ab6324d
-FIVE = ["qnli", "piqa", "winogrande", "arc", "gsm8k"]
-
 PAPER_TABLE1 = pd.DataFrame([  # Qwen2.5-3B, 5-task mix, in-domain accuracy (%)
     ("hydralora",          81.91, 84.21, 70.92, 87.21, 45.95, 74.04, 0.45),
     ("hydralora-norouter", 81.33, 83.51, 70.14, 86.46, 45.35, 73.58, 0.41),  # task scores average to 73.36
     ("r-lora",             82.03, 85.55, 71.84, 87.69, 46.25, 74.67, 0.45),
     ("m-lora",             82.52, 86.76, 72.95, 88.15, 46.85, 75.45, 0.41),
-], columns=["method", *FIVE, "avg", "pct_param"]).set_index("method")
+], columns=["method", *PAPER_TASKS, "avg", "pct_param"]).set_index("method")
 
 PAPER_TABLE2 = pd.DataFrame([  # LLaMA2 7B / 13B on FLAN v2 subset, BBH
     ("base", 31.61, 38.42, None), ("lora", 37.05, 40.73, 0.06), ("lorahub", 39.70, 41.90, 1.24),
@@ -87,18 +86,14 @@ def accuracy_table(df: pd.DataFrame,              # tidy frame from run_grid / c
 def paired_tasks(a: dict,                       # {task: {example id: correctness}} of method A (seed-averaged)
                  b: dict | None,                # the same for method B; None: the macro average of A itself
                  n_boot: int = 10_000, seed: int = 0, conf: float = 0.95) -> dict:
-    "Paired bootstrap of the macro-average difference over tasks, resampling rows within each task."
-    if b is None: b = {t: dict.fromkeys(d, 0.0) for t, d in a.items()}
-    tasks = [t for t in a if t in b]
+    "`paired_bootstrap` of the macro average over tasks on the rows both methods scored (sorted ids, task by task)."
+    tasks = [t for t in a if b is None or t in b]
     if not tasks: raise ValueError("paired_tasks: the two methods share no task")
-    rng = np.random.default_rng(seed); boots = np.zeros(n_boot); diff = 0.0; n = 0
+    ids = {t: sorted(set(a[t]) if b is None else set(a[t]) & set(b[t])) for t in tasks}
     for t in tasks:
-        ids = sorted(set(a[t]) & set(b[t]))
-        if not ids: raise ValueError(f"paired_tasks: no common rows on {t}")
-        d = np.array([a[t][i] - b[t][i] for i in ids])
-        boots += d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1) / len(tasks)
-        diff += d.mean() / len(tasks); n += len(d)
-    return boot_summary(boots, diff, n, conf)
+        if not ids[t]: raise ValueError(f"paired_tasks: no common rows on {t}")
+    scores = lambda m: {t: [m[t][i] for i in ids[t]] for t in tasks}
+    return paired_bootstrap(scores(a), None if b is None else scores(b), n_boot=n_boot, conf=conf, seed=seed)
 
 def seed_diffs(df: pd.DataFrame, a: str, b: str, tasks, by: str = "method", value: str = "acc") -> list[float]:
     "Per seed both methods ran: macro average of `a` minus that of `b` (fractions)."
@@ -112,6 +107,7 @@ def method_diff(df: pd.DataFrame, corr: dict, a: str, b: str, tasks, by: str = "
     "`paired_tasks(corr[a], corr[b])` with the per-seed differences (`seed_diffs`) that `claim_row` adds to its SE."
     return paired_tasks(corr[a], corr[b]) | dict(seed_diffs=seed_diffs(df, a, b, tasks, by))
 
+# %% ../nbs/07_paper.ipynb #dc9a9f41
 def correctness(df_runs: pd.DataFrame, runs_dir, method_label: str, tasks, by: str = "method") -> dict:
     "{task: {id: mean correctness over seeds}} for one method, from the cached evaluations in a tidy frame."
     from alignlora.experiments import runs_dir as _rd
@@ -123,6 +119,34 @@ def correctness(df_runs: pd.DataFrame, runs_dir, method_label: str, tasks, by: s
         for i, c in rec["results"][task]["per_example"]:
             out.setdefault(task, {}).setdefault(i, []).append(float(c))
     return {t: {i: float(np.mean(v)) for i, v in d.items()} for t, d in out.items()}
+
+# %% ../nbs/07_paper.ipynb #7826116a
+from dataclasses import dataclass, asdict
+
+@dataclass(frozen=True)
+class Claim:
+    "One claim of the paper, as data (the fields after `b` are `claim_row`'s arguments)."
+    claim: str                       # what is claimed, e.g. 'M-LoRA > HydraLoRA (Avg, generate)'
+    a: str | None = None             # the arm claimed larger (a method label), or what is measured
+    b: str | float | None = None     # the arm it is compared with, or a fixed level (None: `a` alone)
+    paper: float | None = None       # effect: the paper's difference (None: only its sign); exact: the printed value
+    kind: str = "effect"             # 'effect' | 'exact' | 'descriptive'
+    direction: int | None = None     # effect: the sign the paper claims (default: the sign of `paper`)
+    scale: float = 100               # ours × scale is in the paper's units
+    decimals: int = 2                # exact: decimals the paper prints
+    stated: bool = True              # exact: the paper states the setting behind its value
+    inconsistent: str = ""           # exact: how the paper's own numbers disagree
+    note: str = ""
+
+def claim_rows(claims: list[Claim],  # the notebook's declared claims
+               measure,              # measure(claim) -> ours: a paired_bootstrap-style dict, a number or None
+               table: str) -> list[dict]:
+    "One `claim_row` per declared claim, in order."
+    rows = []
+    for c in claims:
+        kw = {k: v for k, v in asdict(c).items() if k not in ("claim", "a", "b", "paper")}
+        rows.append(claim_row(c.claim, c.paper, measure(c), table, **kw))
+    return rows
 
 # %% ../nbs/07_paper.ipynb #3d713ee9
 import os, time
@@ -208,7 +232,6 @@ def rank_reproducing(model: str,            # registered model
         if printed_match(pct(r), printed, decimals): hits.append(r)
         r += 1
     return hits
-
 
 # %% ../nbs/07_paper.ipynb #1d97e85a
 def training_diagnostics(df_runs: pd.DataFrame,  # tidy frame from run_grid / collect (needs `key`, `method`)

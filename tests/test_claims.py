@@ -33,7 +33,8 @@ def test_holm_against_bonferroni_bounds():
     "Float reference: Holm lies between the smallest p·(m−rank+1) and Bonferroni's m·p."
     p = np.random.default_rng(5).random(25) ** 3
     h = holm(p)
-    assert np.all(h <= np.minimum(1, len(p) * p) + 1e-15) and np.all(h >= p)
+    assert np.all(h <= np.minimum(1, len(p) * p) + 1e-15)
+    assert np.all(h >= p)
     assert np.all(np.diff(h[np.argsort(p)]) >= -1e-15)        # monotone in p
 
 
@@ -71,7 +72,8 @@ def test_seed_spread_widens_the_standard_error():
     one = claim_row("x", 1.0, base)
     three = claim_row("x", 1.0, base | dict(seed_diffs=[0.0, 0.02, 0.04]))
     se3 = math.sqrt(1.0 ** 2 + np.var([0, 2, 4], ddof=1) / 3)   # in points
-    assert three["mde"] == pytest.approx(mde(se3), abs=1e-3) and three["mde"] > one["mde"]
+    assert three["mde"] == pytest.approx(mde(se3), abs=1e-3)
+    assert three["mde"] > one["mde"]
 
 
 @pytest.mark.parametrize("diff,lo,hi,paper,expected", [
@@ -80,14 +82,18 @@ def test_seed_spread_widens_the_standard_error():
 ])
 def test_effect_verdicts(diff, lo, hi, paper, expected):
     r = claim_row("x", paper, _ours(diff, lo, hi))
-    assert r["verdict"] == expected and r["kind"] == "effect" and list(r) == CLAIM_COLUMNS
+    assert r["verdict"] == expected
+    assert r["kind"] == "effect"
+    assert list(r) == CLAIM_COLUMNS
     assert r["ratio"] == pytest.approx(round(100 * diff / paper, 2))
 
 
 def test_sign_only_effect_has_no_ratio():
     r = claim_row("x", None, _ours(-0.02, -0.03, -0.01), direction=-1)
-    assert r["verdict"] == "supported" and np.isnan(r["ratio"]) and "sign only" in r["paper"]
-    with pytest.raises(ValueError):
+    assert r["verdict"] == "supported"
+    assert np.isnan(r["ratio"])
+    assert "sign only" in r["paper"]
+    with pytest.raises(ValueError, match="needs the paper's sign"):
         claim_row("x", None, _ours(0.02, 0.01, 0.03))           # an effect claim needs a direction
 
 
@@ -99,7 +105,8 @@ def test_exact_verdicts():
     assert claim_row("%P", 0.06, 0.172, kind="exact", stated=False)["verdict"] == "not comparable"
     assert claim_row("%P", 0.06, None, kind="exact", stated=False)["verdict"] == "not comparable"
     r = claim_row("%P", 0.42, 0.406, kind="exact", inconsistent="Table 1 prints 0.41")
-    assert r["verdict"] == "paper inconsistent" and "Table 1" in r["note"]
+    assert r["verdict"] == "paper inconsistent"
+    assert "Table 1" in r["note"]
     assert claim_row("%P", 0.41, 0.406, kind="exact", inconsistent="Table 5 prints 0.42")["verdict"] == "match"
     assert claim_row("extra", 0, 0, kind="exact", decimals=0)["verdict"] == "match"
     assert claim_row("extra", 0, 12, kind="exact", decimals=0)["verdict"] == "mismatch"
@@ -114,15 +121,49 @@ def test_adjustment_round_trip_through_files(tmp_path):
     assert eff.p_adjusted.tolist() == pytest.approx(list(holm([0.01, 0.04, 0.03, 0.005])))
     assert eff.adjusted_verdict.tolist() == ["supported", "inconclusive", "inconclusive", "supported"]
     one, prov = read_table(tmp_path / "claims_one.csv")
-    assert prov == dict(profile="t") and one.p_adjusted.iloc[0] == pytest.approx(0.03) and np.isnan(one.p_adjusted.iloc[2])
+    assert prov == dict(profile="t")
+    assert one.p_adjusted.iloc[0] == pytest.approx(0.03)
+    assert np.isnan(one.p_adjusted.iloc[2])
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
     s = claims_summary(both)
-    assert "**effect** (4): 4 supported" in s and "2 supported, 0 contradicted, 2 inconclusive" in s
-    assert "**exact** (1): 1 match" in s and "**descriptive** (not counted): 1" in s
+    assert "**effect** (4): 4 supported" in s
+    assert "2 supported, 0 contradicted, 2 inconclusive" in s
+    assert "**exact** (1): 1 match" in s
+    assert "**descriptive** (not counted): 1" in s
 
 
 def test_old_claims_files_are_read():
     old = pd.DataFrame([dict(table="t", claim="x", paper=1.0, ours=2.0, interval="[-1.0, 5.0]", n=10, verdict="within noise"),
                         dict(table="t", claim="%P", paper=0.45, ours=0.458, interval="exact", n=0, verdict="supported")])
     a = adjust_claims(old)
-    assert a.kind.tolist() == ["effect", "exact"] and a.verdict.iloc[0] == "inconclusive" and a.adjusted_verdict.iloc[0] == ""
+    assert a.kind.tolist() == ["effect", "exact"]
+    assert a.verdict.iloc[0] == "inconclusive"
+    assert a.adjusted_verdict.iloc[0] == ""
+
+
+def test_paired_bootstrap_strata_against_an_explicit_loop():
+    "Strata: one generator resamples each stratum's rows in turn; the estimate is the macro average over strata."
+    a = {"q": [1.0, 0.0, 1.0, 1.0], "p": [0.0, 1.0]}
+    b = {"q": [0.0, 0.0, 1.0, 0.0], "p": [0.0, 0.0]}
+    rng, boots = np.random.default_rng(7), np.zeros(500)
+    for t in a:
+        d = np.subtract(a[t], b[t])
+        boots += d[rng.integers(0, len(d), size=(500, len(d)))].mean(1) / 2
+    r = paired_bootstrap(a, b, n_boot=500, seed=7)
+    assert r["diff"] == pytest.approx((0.5 + 0.5) / 2)
+    assert r["se"] == pytest.approx(float(np.std(boots, ddof=1)), abs=1e-15)
+    assert r["n"] == 6
+
+
+def test_paired_bootstrap_one_sample_is_the_mean_itself():
+    a = [1.0, 0.0, 1.0]
+    one = paired_bootstrap(a, n_boot=300)
+    assert one["diff"] == pytest.approx(2 / 3)
+    assert one == paired_bootstrap(a, [0.0, 0.0, 0.0], n_boot=300)
+
+
+def test_paired_bootstrap_rejects_mismatched_input():
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap([1.0, 0.0], [1.0])
+    with pytest.raises(ValueError, match="different strata"):
+        paired_bootstrap({"q": [1.0]}, {"p": [1.0]})

@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from alignlora.data import PAPER_TASKS
 from alignlora.experiments import reproduce, read_table
 
 EXPECTED = {
@@ -47,7 +48,7 @@ def _check_table1_against_cache(table1_csv, runs):
     from alignlora.experiments import collect
     t1, prov = read_table(table1_csv)
     df = collect(runs)
-    five = ["qnli", "piqa", "winogrande", "arc", "gsm8k"]
+    five = PAPER_TASKS
     gen = df[(df.protocol == "generate") & (df.train_tasks == ",".join(five)) & df.task.isin(five)
              & (df.overrides.astype(str) == "{}") & (df.target == "gate_proj,up_proj,down_proj") & (df.model == prov["model"])]
     gen = gen[gen.eval_key.isin(gen.groupby("eval_key").task.nunique().loc[lambda s: s == 5].index)]
