@@ -86,7 +86,8 @@ def test_fresh_adapters_leave_outputs_unchanged(batch, name):
     assert (out - ref).abs().max().item() < 1e-5, name
     if METHODS[name].adapter.init == "random":  # R-LoRA / M-LoRA: nonzero B, start at W only through the W' offset
         l = adapter_layers(m)[0]
-        assert l.lora_B.abs().sum() > 0 and l.offset_A is not None
+        assert l.lora_B.abs().sum() > 0
+        assert l.offset_A is not None
         l.offset_A = l.offset_B = None
         assert (logits(m, batch) - ref).abs().max().item() > 1e-4
 
@@ -143,7 +144,8 @@ def test_merged_equals_unmerged_after_training(batch, name):
     b = logits(m, batch)
     unmerge_adapters(m)
     c = logits(m, batch)
-    assert (a - b).abs().max().item() < 1e-4 and (a - c).abs().max().item() < 1e-4
+    assert (a - b).abs().max().item() < 1e-4
+    assert (a - c).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("name", ROUTED)
@@ -186,7 +188,8 @@ def test_export_plain_lora_keeps_rank_alpha_and_weights(batch, tmp_path):
     assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]) == (8, 32, False)
     back = import_peft(tiny(), tmp_path / "p")
     for a, b in zip(adapter_layers(m), adapter_layers(back)):
-        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+        assert torch.equal(a.lora_A, b.lora_A)
+        assert torch.equal(a.lora_B, b.lora_B)
     assert torch.equal(logits(back, batch), logits(m, batch))
 
 
@@ -202,7 +205,8 @@ def test_import_stock_peft_adapter(batch, tmp_path):
                                            init_lora_weights=False)).eval()
     pm.save_pretrained(tmp_path / "stock")
     ours = import_peft(tiny(), tmp_path / "stock")
-    assert len(adapter_layers(ours)) == 4 and adapter_layers(ours)[0].cfg.r == 6
+    assert len(adapter_layers(ours)) == 4
+    assert adapter_layers(ours)[0].cfg.r == 6
     assert (logits(ours, batch) - logits(pm, batch)).abs().max().item() <= 1e-6
 
 
@@ -214,9 +218,11 @@ def test_save_load_round_trip(batch, name, tmp_path):
     assert sorted(p.name for p in d.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "temporary folders left behind"
     back = load_adapters(tiny(), d)           # adds the adapters itself
-    assert back is not None and not back.training
+    assert back is not None
+    assert not back.training
     for (k, a), (k2, b) in zip(adapter_state_dict(m).items(), adapter_state_dict(back).items()):
-        assert k == k2 and torch.equal(a, b)
+        assert k == k2
+        assert torch.equal(a, b)
     assert torch.equal(logits(back, batch), logits(m, batch))
     # a second save replaces the folder atomically
     save_adapters(back, d)
@@ -229,8 +235,8 @@ def test_load_into_mismatched_adapters_fails(tmp_path):
     with pytest.raises(FileNotFoundError): load_adapters(tiny(), tmp_path / "missing")
 
 
-# ---------------------------------------------------------------- budgets (PAPER.md §1)
-PAPER_PARAM = {  # (method, model) -> %Param as PAPER.md computes the paper's rows
+# ---------------------------------------------------------------- budgets (paper notes §1)
+PAPER_PARAM = {  # (method, model) -> %Param of the paper's rows, as paper notes §1 computes them
     ("lora-r10", "qwen2.5-3b"): 0.455, ("hydralora", "qwen2.5-3b"): 0.458, ("r-lora", "qwen2.5-3b"): 0.458,
     ("hydralora-norouter", "qwen2.5-3b"): 0.406, ("m-lora", "qwen2.5-3b"): 0.406,
     ("lora-r4", "qwen2.5-7b"): 0.099, ("lora", "qwen2.5-7b"): 0.198, ("lora-r9", "qwen2.5-7b"): 0.223,
@@ -244,7 +250,7 @@ def test_trainable_fraction_matches_paper(method, model):
     m = add_adapters(meta_model(model), method)
     pct = 100 * trainable_fraction(m)
     assert abs(pct - PAPER_PARAM[method, model]) < 0.01, (method, model, pct)
-    # and the count equals the hand formula of PAPER.md §1 (per module: r d_in + N r d_out [+ N d_in])
+    # and the count equals the hand formula of paper notes §1 (per module: r d_in + N r d_out [+ N d_in])
     c, cfg = model_config(model), METHODS[method].adapter
     h, i, L, r, N = c.hidden_size, c.intermediate_size, c.num_hidden_layers, cfg.r, cfg.heads
     per = lambda din, dout: r * din + N * r * dout + (N * din if cfg.router else 0)
@@ -266,7 +272,8 @@ def test_router_weights_sum_to_one_and_are_fp32(batch):
     m(**batch); h.remove()
     l = adapter_layers(m)[0]
     w = l.routing_weights(xs[0])
-    assert w.shape == (*batch["input_ids"].shape, 3) and w.dtype == torch.float32
+    assert w.shape == (*batch["input_ids"].shape, 3)
+    assert w.dtype == torch.float32
     assert torch.allclose(w.sum(-1), torch.ones_like(w[..., 0]), atol=1e-6)
     wb = l.routing_weights(xs[0].bfloat16())
     assert wb.dtype == torch.float32
@@ -314,7 +321,8 @@ def test_capture_features(batch):
         m(**batch)
         assert all(l.features is not None for l in adapter_layers(m))
     for h in hooks: h.remove()
-    assert len(feats) == n_layers and [f.shape for f in feats] == [(*batch["input_ids"].shape, 4)] * n_layers
+    assert len(feats) == n_layers
+    assert [f.shape for f in feats] == [(*batch["input_ids"].shape, 4)] * n_layers
     # forward order, and the tensors are A·x (before per-head dropout): recompute from the layer inputs
     assert order == [l.path for l in adapter_layers(m)]
     assert all(f.requires_grad and f.grad_fn is not None for f in feats)
@@ -379,4 +387,5 @@ def test_registry():
     assert (r.r, r.heads, r.router, r.init, r.rslora, r.gamma, r.head_dropout > 0) == (4, 3, True, "random", True, 64, True)
     h = METHODS["hydralora"].adapter
     assert (h.r, h.heads, h.router, h.init, h.dropout) == (4, 3, True, "lora", 0.05)
-    assert METHODS["m-lora"].adapter.aggregation == "mean" and not METHODS["m-lora"].adapter.router
+    assert METHODS["m-lora"].adapter.aggregation == "mean"
+    assert not METHODS["m-lora"].adapter.router

@@ -1,4 +1,4 @@
-"alignlora.align against an independent float64 transcription of PAPER.md §2 (explicit loops), gradcheck, errors."
+"alignlora.align against an independent float64 transcription of paper notes §2 (nbs/paper_notes.ipynb) (explicit loops), gradcheck, errors."
 import itertools, math
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 from alignlora.align import (ALIGN_KINDS, ALIGN_POOLS, MMD_BANDWIDTHS, AlignSpec, align_loss, check_align_args,
                              released_mmd_bytes)
 
-SIGMAS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1, 5, 10, 15, 20, 25, 30, 35, 100, 1e3, 1e4, 1e5, 1e6]  # PAPER.md §2
+SIGMAS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1, 5, 10, 15, 20, 25, 30, 35, 100, 1e3, 1e4, 1e5, 1e6]  # paper notes §2
 
 
 # ---------------------------------------------------------------- naive reference (float64 numpy, loops)
@@ -81,7 +81,8 @@ def test_matches_float64_reference(kind, pool, masked):
     ref = reference(feats, tids, kind, mask, pool)
     assert ref > 0
     got32 = align_loss(feats, tids, kind, mask=mask, pool=pool)
-    assert got32.dtype == torch.float32 and got32.dim() == 0
+    assert got32.dtype == torch.float32
+    assert got32.dim() == 0
     assert abs(got32.item() - ref) <= 1e-5 * abs(ref), (got32.item(), ref)
     got64 = align_loss([f.double() for f in feats], tids, kind, mask=mask, pool=pool)
     assert abs(got64.item() - ref) <= 1e-10 * abs(ref), (got64.item(), ref)
@@ -145,7 +146,9 @@ def test_all_masked_gives_connected_zero():
     x = [f.clone().requires_grad_() for f in feats]
     out = align_loss(x, tids, "mmd", mask=torch.zeros(9, 5, dtype=torch.bool))
     out.backward()
-    assert out.item() == 0 and x[0].grad is not None and x[0].grad.abs().sum() == 0
+    assert out.item() == 0
+    assert x[0].grad is not None
+    assert x[0].grad.abs().sum() == 0
 
 
 # ---------------------------------------------------------------- gradients

@@ -97,7 +97,8 @@ def test_bf16_loglik_uses_fp32_softmax(monkeypatch):
     import lm_eval.models.huggingface as H
     monkeypatch.setattr(H.F, "log_softmax", spy)
     res = evaluate(model, tok, ["piqa"], protocol="loglik", limit=4, batch_size=4, progress=False)
-    assert seen and all(x == torch.bfloat16 and dt == torch.float32 for x, dt in seen), seen
+    assert seen
+    assert all(x == torch.bfloat16 and dt == torch.float32 for x, dt in seen), seen
     assert res["piqa"]["n"] == 4
 
 
@@ -190,7 +191,8 @@ def test_offline_hf_cache_and_model_map(tmp_path, monkeypatch):
     got = float(p.stdout.split("SUM ")[1].split()[0])
     assert got == want
     err = p.stdout.split("ERR ")[1]
-    assert "huggingface-cli download alignlora-test/absent" in err and "ALIGNLORA_MODELS" in err
+    assert "huggingface-cli download alignlora-test/absent" in err
+    assert "ALIGNLORA_MODELS" in err
     # ALIGNLORA_MODELS: a registry name (as the notebooks of `make reproduce` use) read from a local folder
     folder = tmp_path / "q7"; model.save_pretrained(folder); tok.save_pretrained(folder)
     monkeypatch.setenv("ALIGNLORA_MODELS", f"qwen2.5-7b={folder}, other=/nonexistent-but-unused")
@@ -214,7 +216,8 @@ def test_run_keys_and_paper_training_args(monkeypatch, tmp_path):
     assert [make_spec(fp32[p], m, FIVE).key for p in ("cpu", "smoke") for m in ("lora", "align-lora-kl", "r-lora", "base")] == \
         ['0ebe7810824e', 'a92e1c70a362', '8637edda3fed', 'ef12e623202b', 'c8e6aab6f2f3', 'dc01d5e5f986', 'd06f7c37a6c9', 'a85363f9de78']
     g = make_spec("gpu", "lora", FIVE)
-    assert g.device == "cuda" and replace(g, device="cpu").key != g.key       # a gpu-profile run is not served from CPU
+    assert g.device == "cuda"
+    assert replace(g, device="cpu").key != g.key       # a gpu-profile run is not served from CPU
     with pytest.raises(ValueError, match="device"): replace(g, device="tpu")
     seen = {}
     import alignlora.train as T
@@ -223,11 +226,14 @@ def test_run_keys_and_paper_training_args(monkeypatch, tmp_path):
         _train_run(make_spec("paper", m, FIVE), tmp_path, record=False)
     for m, sched, warm in (("lora", "linear", 0), ("align-lora-kl", "linear", 0), ("r-lora", "cosine", 0.03), ("m-lora", "cosine", 0.03)):
         kw = seen[m]
-        assert kw["gradient_checkpointing"] is True and kw["learning_rate"] == 2e-4 and kw["gradient_accumulation_steps"] == 10
+        assert kw["gradient_checkpointing"] is True
+        assert kw["learning_rate"] == 2e-4
+        assert kw["gradient_accumulation_steps"] == 10
         args = _training_args(tmp_path / m, 1, 5, 0, "cpu", False,
                               {k: kw[k] for k in ("lr_scheduler_type", "warmup_steps", "weight_decay", "gradient_checkpointing")})
         assert (args.lr_scheduler_type.value, args.warmup_steps, args.weight_decay) == (sched, warm, 0.0)
-        assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+        assert args.gradient_checkpointing
+        assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert make_spec("cpu", "lora", FIVE).train_args == ()                    # cpu: train()'s defaults, as before
 
 
@@ -247,7 +253,9 @@ def test_evaluate_leaves_no_cycle_and_run_frees_its_model(tmp_path, monkeypatch)
     monkeypatch.setattr(X, "_train_run", spy)
     spec = X.make_spec("smoke", "lora", ["qnli", "piqa"])
     out = X.run(spec, [X.make_eval("smoke", ["piqa"], "loglik")], tmp_path / "runs")
-    assert out["evals"] and len(refs) == 1 and refs[0]() is None, "the trained model outlived run()"
+    assert out["evals"]
+    assert len(refs) == 1
+    assert refs[0]() is None, "the trained model outlived run()"
 
 
 RUN_DDP_SCRIPT = textwrap.dedent('''
@@ -263,12 +271,17 @@ RUN_DDP_SCRIPT = textwrap.dedent('''
 
 def test_torchrun_run_evaluates_on_rank0_once(tmp_path):
     r0, r1 = torchrun_ranks(RUN_DDP_SCRIPT, tmp_path, port=29523, timeout=900)
-    assert r0["evals"] == r1["evals"] and len(r0["evals"]) == 1       # both ranks finish with rank 0's result
-    assert r0["calls"] == {"train": 1, "evaluate": 1} and r1["calls"] == {"train": 1, "evaluate": 0}   # trained together
+    assert r0["evals"] == r1["evals"]
+    assert len(r0["evals"]) == 1       # both ranks finish with rank 0's result
+    assert r0["calls"] == {"train": 1, "evaluate": 1}
+    assert r1["calls"] == {"train": 1, "evaluate": 0}   # trained together
     runs = [d for d in (tmp_path / "runs").iterdir()]
     dirs = [d for d in runs if d.is_dir()]
-    assert len(dirs) == 1 and (dirs[0] / "TRAINED").exists() and len(list((dirs[0] / "eval").glob("*.done"))) == 1
-    assert not [d for d in runs if d.name.endswith(".lock")] and not (dirs[0] / "train.partial").exists()
+    assert len(dirs) == 1
+    assert (dirs[0] / "TRAINED").exists()
+    assert len(list((dirs[0] / "eval").glob("*.done"))) == 1
+    assert not [d for d in runs if d.name.endswith(".lock")]
+    assert not (dirs[0] / "train.partial").exists()
     log = [json.loads(l) for l in (dirs[0] / "train" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2]                        # one writer: each step logged once
 
