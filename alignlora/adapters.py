@@ -4,7 +4,7 @@
 
 # %% ../nbs/02b_adapters.ipynb #f0f27d22
 from __future__ import annotations
-import json, math, os, re, shutil, tempfile, warnings
+import json, math, re, warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +15,7 @@ from torch import nn
 from safetensors.torch import save_file, load_file
 
 from fastcore.basics import patch
+from .files import atomic_dir
 from .methods import AdapterConfig, get_method
 
 
@@ -245,21 +246,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if l.offset_A is not None: sd[f"{l.path}.offset_A"], sd[f"{l.path}.offset_B"] = l.offset_A, l.offset_B
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
-@contextmanager
-def _atomic_dir(out):
-    "Yield a temporary folder next to `out`; on success it replaces `out` in one rename."
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"; os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None: shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-
 def _model_config(model) -> AdapterConfig:
     layers = adapter_layers(model)
     if not layers: raise ValueError("the model has no adapters (add_adapters first)")
@@ -270,7 +256,7 @@ def save_adapters(model: nn.Module, out_dir) -> Path:
     "Write the model's adapters to `out_dir` (safetensors + JSON config), atomically."
     cfg = _model_config(model)
     meta = dict(format=FORMAT, config=asdict(cfg), modules=[l.path for l in adapter_layers(model)])
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     return Path(out_dir)
@@ -361,7 +347,7 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: str | None =
                 bias="none", fan_in_fan_out=False, init_lora_weights=True, use_dora=False, inference_mode=True,
                 base_model_name_or_path=base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None),
                 modules_to_save=None, rank_pattern={}, alpha_pattern={})
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         save_file(sd, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(pcfg, indent=1))
     return Path(out_dir)

@@ -226,6 +226,8 @@ def _pair_spread(G: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     GO = (G.reshape(S * T, T) @ onehot).view(S, T, B)
     return (onehot.T @ GO.transpose(0, 1).reshape(T, S * B)).view(B, S, B).transpose(0, 1)
 
+
+# %% ../nbs/03_align.ipynb #23567ddd
 class _MultiKernelSums(torch.autograd.Function):
     "P[s, i, j] = Σ_{b∈i, c∈j} m[s,b] K[s,b,c] m[s,c]: multi-kernel sums per task pair, O(B²S) memory."
     @staticmethod

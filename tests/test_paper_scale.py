@@ -203,7 +203,7 @@ def test_offline_hf_cache_and_model_map(tmp_path, monkeypatch):
     assert sum(p.double().sum().item() for p in m2.parameters()) == want
 
 
-FIVE = ["qnli", "piqa", "winogrande", "arc", "gsm8k"]
+from alignlora.data import PAPER_TASKS
 
 
 def test_run_keys_and_paper_training_args(monkeypatch, tmp_path):
@@ -213,9 +213,9 @@ def test_run_keys_and_paper_training_args(monkeypatch, tmp_path):
     # keys of cpu / smoke specs are those computed before the device class and train args joined the spec
     # (the cpu profile in fp32: its dtype is `auto`, so its keys on a machine with bf16 units name bf16 instead)
     fp32 = {"cpu": replace(get_profile("cpu"), dtype="float32"), "smoke": get_profile("smoke")}
-    assert [make_spec(fp32[p], m, FIVE).key for p in ("cpu", "smoke") for m in ("lora", "align-lora-kl", "r-lora", "base")] == \
+    assert [make_spec(fp32[p], m, PAPER_TASKS).key for p in ("cpu", "smoke") for m in ("lora", "align-lora-kl", "r-lora", "base")] == \
         ['0ebe7810824e', 'a92e1c70a362', '8637edda3fed', 'ef12e623202b', 'c8e6aab6f2f3', 'dc01d5e5f986', 'd06f7c37a6c9', 'a85363f9de78']
-    g = make_spec("gpu", "lora", FIVE)
+    g = make_spec("gpu", "lora", PAPER_TASKS)
     assert g.device == "cuda"
     assert replace(g, device="cpu").key != g.key       # a gpu-profile run is not served from CPU
     with pytest.raises(ValueError, match="device"): replace(g, device="tpu")
@@ -223,7 +223,7 @@ def test_run_keys_and_paper_training_args(monkeypatch, tmp_path):
     import alignlora.train as T
     monkeypatch.setattr(T, "train", lambda *a, **kw: seen.setdefault(a[1].name, kw) and None or type("R", (), dict(model=None, tokenizer=None))())
     for m in ("lora", "align-lora-kl", "r-lora", "m-lora"):
-        _train_run(make_spec("paper", m, FIVE), tmp_path, record=False)
+        _train_run(make_spec("paper", m, PAPER_TASKS), tmp_path, record=False)
     for m, sched, warm in (("lora", "linear", 0), ("align-lora-kl", "linear", 0), ("r-lora", "cosine", 0.03), ("m-lora", "cosine", 0.03)):
         kw = seen[m]
         assert kw["gradient_checkpointing"] is True
@@ -234,7 +234,7 @@ def test_run_keys_and_paper_training_args(monkeypatch, tmp_path):
         assert (args.lr_scheduler_type.value, args.warmup_steps, args.weight_decay) == (sched, warm, 0.0)
         assert args.gradient_checkpointing
         assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
-    assert make_spec("cpu", "lora", FIVE).train_args == ()                    # cpu: train()'s defaults, as before
+    assert make_spec("cpu", "lora", PAPER_TASKS).train_args == ()                    # cpu: train()'s defaults, as before
 
 
 def test_evaluate_leaves_no_cycle_and_run_frees_its_model(tmp_path, monkeypatch):
