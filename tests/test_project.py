@@ -67,3 +67,17 @@ def test_index_notebook_is_readme_twin():
     d = json.loads((ROOT / "nbs" / "index.ipynb").read_text())
     text = "".join("".join(c["source"]) for c in d["cells"] if c["cell_type"] == "markdown")
     assert text.strip() == (ROOT / "README.md").read_text().strip(), "regenerate nbs/index.ipynb from README.md (make index)"
+
+
+def test_no_import_circle_inside_the_package():
+    "Each module imports (at top level or inside functions) only modules below it: the import graph has no cycle."
+    mods = {p.stem for p in (ROOT / "alignlora").glob("*.py") if not p.stem.startswith("_")}
+    pat = re.compile(r"^\s*from (?:\.|alignlora\.)(\w+) import", re.M)
+    graph = {m: set(pat.findall((ROOT / "alignlora" / f"{m}.py").read_text())) & mods - {m} for m in mods}
+    assert graph["methods"] <= {"errors", "align"} and "methods" in graph["adapters"]
+    done, stack = set(), []
+    def visit(m):
+        assert m not in stack, f"import circle: {' → '.join(stack[stack.index(m):] + [m])}"
+        if m in done: return
+        stack.append(m); [visit(n) for n in sorted(graph[m])]; stack.pop(); done.add(m)
+    for m in sorted(graph): visit(m)
