@@ -20,7 +20,8 @@ def test_grid_is_cached_and_collect_rebuilds_it(runs):
     ev = make_eval("smoke", TASKS)
     df = run_grid(specs, [ev], progress=False)
     assert CALLS == {"train": 4, "evaluate": 4}
-    assert len(df) == 4 * len(TASKS) and set(df.method) == {"lora", "m-lora"}
+    assert len(df) == 4 * len(TASKS)
+    assert set(df.method) == {"lora", "m-lora"}
     df2 = run_grid(specs, [ev], progress=False)
     assert CALLS == {"train": 4, "evaluate": 4}, "a second call must recompute nothing"
     cols = ["key", "task", "acc", "n"]
@@ -46,7 +47,8 @@ def test_interrupted_run_is_finished(runs, monkeypatch):
     assert run_status(spec) == "partial"
     monkeypatch.setattr(X, "atomic_json", real)
     run(spec, [make_eval("smoke", TASKS)])
-    assert run_status(spec) == "trained" and CALLS["train"] == 2
+    assert run_status(spec) == "trained"
+    assert CALLS["train"] == 2
 
 
 def test_corrupt_run_is_detected_and_redone(runs):
@@ -57,7 +59,8 @@ def test_corrupt_run_is_detected_and_redone(runs):
     files[0].write_bytes(files[0].read_bytes()[:-8] + b"corrupt!")
     assert run_status(spec) == "corrupt"
     run(spec)
-    assert run_status(spec) == "trained" and CALLS["train"] == 2
+    assert run_status(spec) == "trained"
+    assert CALLS["train"] == 2
     assert list(runs.glob(f"{spec.key}.corrupt-*")), "the corrupt folder is kept aside, not deleted or read"
     # an unreadable TRAINED marker is also corrupt, never silently trusted
     (runs / spec.key / "TRAINED").write_text("{not json")

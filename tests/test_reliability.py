@@ -53,7 +53,9 @@ def test_two_processes_on_one_key_train_and_evaluate_once(runs):
     assert sum(c["train"] for c in calls) == 1 and sum(c["evaluate"] for c in calls) == 1, calls
     spec = make_spec("smoke", "lora", TASKS)
     assert _log_steps(runs / spec.key) == [1, 2], "one training, unique steps"
-    assert run_status(spec) == "trained" and not list(runs.glob("*.lock")) and not list(runs.glob("*/eval/*.lock"))
+    assert run_status(spec) == "trained"
+    assert not list(runs.glob("*.lock"))
+    assert not list(runs.glob("*/eval/*.lock"))
     assert any("in progress elsewhere" in err for _, err in outs) or any("in progress elsewhere" in o for o, _ in outs)
 
 
@@ -111,7 +113,8 @@ def test_full_disk_is_reported_and_finished_work_is_kept(runs, monkeypatch):
     other = make_spec("smoke", "lora", TASKS, seed=1)
     with pytest.raises(DiskFull, match="disk full while writing under .*" + other.key) as e:
         run(other)
-    assert e.value.errno == errno.ENOSPC and "free space" in str(e.value)
+    assert e.value.errno == errno.ENOSPC
+    assert "free space" in str(e.value)
     assert run_status(other) == "partial" and not list(runs.glob("*.lock")), "claim released"
     assert run_status(done) == "trained" and run(done, [ev])["evals"] == first["evals"], "finished work untouched"
     monkeypatch.setattr(A, "save_file", real)
@@ -126,7 +129,8 @@ def test_non_finite_loss_stops_training_and_nothing_is_marked_trained(runs, tmp_
     spec = dataclasses.replace(make_spec("smoke", "lora", TASKS), lr=1e30, max_steps=4)   # step 2 of 2 ends at 1e30, still finite
     with pytest.raises(FloatingPointError, match="step"):
         run(spec)
-    assert run_status(spec) == "partial" and not (runs / spec.key / "TRAINED").exists()
+    assert run_status(spec) == "partial"
+    assert not (runs / spec.key / "TRAINED").exists()
 
 
 # ---- tampering, changed data, collect, read-only -----------------------------------------------------------
@@ -139,7 +143,8 @@ def test_tampered_evaluation_and_training_log_are_redone(runs):
     with pytest.warns(UserWarning, match="corrupt"):
         assert collect().empty, "collect does not read a tampered evaluation"
     served = run(spec, [ev])["evals"][ev.key]
-    assert CALLS == {"train": 1, "evaluate": 2} and served["results"] == good["results"]
+    assert CALLS == {"train": 1, "evaluate": 2}
+    assert served["results"] == good["results"]
     assert list(f.parent.glob(f"{f.name}.corrupt-*")), "the tampered file is kept aside"
     log = runs / spec.key / "train" / "log.jsonl"
     log.write_text(log.read_text().replace('"step": 2', '"step": 3'))
@@ -190,7 +195,8 @@ def test_merge_into_a_tied_weight_is_refused():
     torch.nn.init.normal_(A.adapter_layers(m)[0].lora_B, std=0.1)
     with pytest.raises(ValueError, match="lm_head.weight is tied to model.embed_tokens.weight"):
         A.merge_adapters(m)
-    assert torch.equal(m.model.embed_tokens.weight, emb) and not A.adapter_layers(m)[0].merged
+    assert torch.equal(m.model.embed_tokens.weight, emb)
+    assert not A.adapter_layers(m)[0].merged
 
 
 # ---- bad inputs -------------------------------------------------------------------------------------------
