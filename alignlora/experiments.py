@@ -590,7 +590,9 @@ def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True, 
                 gradient_accumulation_steps=spec.grad_accum, disable_tqdm=quiet, **dict(spec.train_args))
     if record: atomic_json(d / "TRAINED", {"format": RECORD_FORMAT, "files_sha256": _files_hash(d / "train"),
                                 "data_sha256": data_hash, "finished": time.time()})
-    return res.model, res.tokenizer
+    wall = res.metrics.get("wall_time_s") or 0.0   # this process's training time (a resumed run: since the resume)
+    tokens = sum(r.get("tokens", 0) or 0 for r in res.log if "loss" in r)   # real (non-padding) tokens, from the logs
+    return res.model, res.tokenizer, dict(wall_s=round(wall, 1), tokens_per_s=tokens / wall if wall else 0.0)
 
 def load_run(spec: RunSpec, runs_dir_=None, device=None):
     "The trained model of a cached run (base model + its saved adapters), in eval mode, on `device` (None: the spec's)."
@@ -679,6 +681,7 @@ def run(spec: RunSpec,                       # what to train
     d, device = runs_dir(runs_dir_) / spec.key, device or spec.device
     rank, world = _rank_world()     # under torchrun: all ranks train together; rank 0 alone claims, writes, evaluates
     model = tok = None
+    timing = {"train": None, "evals": []}   # what this call computed (nothing for a cached run), for progress lines
     try:
         with disk_full_guard(d, after="finished runs and evaluations are untouched; rerun to continue "
                                       "(training resumes from its last good checkpoint)"):
@@ -694,8 +697,9 @@ def run(spec: RunSpec,                       # what to train
                                                                       else "trained on other data than the data folder holds now"))
                         if rank == 0 and st != "trained": d.mkdir(parents=True, exist_ok=True); _write_spec(d, spec)
                         if _rank0_decides(st != "trained", world):
-                            model, tok = _train_run(spec, d, data_dir, device, data_hash=train_data, record=rank == 0)
-            out = {"spec": spec, "dir": d, "evals": {}}
+                            model, tok, timing["train"] = _train_run(spec, d, data_dir, device, data_hash=train_data,
+                                                                     record=rank == 0)
+            out = {"spec": spec, "dir": d, "evals": {}, "timing": timing}
             if rank != 0: model = tok = None; _free_memory()   # rank 0 evaluates; the others wait for its records
             for e in evals:
                 f, edata = d / "eval" / f"{e.key}.json", data_sha256(expand_tasks(e.tasks), "eval", data_dir)
@@ -707,6 +711,8 @@ def run(spec: RunSpec,                       # what to train
                         if rec is None:
                             if model is None: model, tok = load_run(spec, runs_dir_, device)
                             rec = _evaluate(model, tok, e, data_dir)
+                            timing["evals"].append(dict(protocol=e.protocol, wall_s=round(rec["wall_s"], 1), rows=sum(
+                                r.get("n") or 0 for r in rec["results"].values() if isinstance(r, dict))))
                             d.mkdir(parents=True, exist_ok=True); _write_spec(d, spec)
                             body = json.dumps(rec, indent=1, sort_keys=True, default=str) + "\n"
                             atomic_write(f, body)   # then its record, last: a kill in between leaves 'partial', redone
@@ -730,18 +736,33 @@ def _tidy(spec: RunSpec, ekey: str, rec: dict) -> list[dict]:
                          eval_wall_s=rec.get("wall_s")))   # the whole evaluation call, all of its tasks
     return rows
 
+def _cached(spec: RunSpec, evals: list, runs_dir_) -> bool:
+    "Whether `spec` and all of `evals` have completion records (a quick look for the ETA, not a validation)."
+    d = runs_dir(runs_dir_) / spec.key
+    return (spec.method == "base" or (d / "TRAINED").exists()) and all((d / "eval" / f"{e.key}.done").exists() for e in evals)
+
 def run_grid(specs: Iterable[RunSpec], evals: Iterable[EvalSpec] = (), runs_dir_=None, data_dir=None,
-             device: str | None = None, progress: bool = True,   # None: each spec's device class
+             device: str | None = None,     # None: each spec's device class
+             progress: bool | None = None,  # a bar over runs; None: unless a progress file takes the runs' lines
              wait_s: float | None = None) -> pd.DataFrame:  # a number: skip (and report) runs busy elsewhere that long
-    "Run every spec (cached ones cost nothing) and return the tidy results frame."
+    "Run every spec (cached ones cost nothing) and return the tidy results frame; each finished run is reported."
     from tqdm.auto import tqdm
+    from alignlora.progress import PROGRESS_ENV, report, run_output
     specs, evals = list(specs), list(evals)
-    rows = []
+    todo = sum(not _cached(s, evals, runs_dir_) for s in specs)
+    rows, spent, computed = [], 0.0, 0
+    if progress is None: progress = not os.environ.get(PROGRESS_ENV)
     bar = tqdm(specs, desc="runs", disable=not progress)
-    for s in bar:
+    for i, s in enumerate(bar, 1):
         bar.set_postfix_str(s.label)
-        try: r = run(s, evals, runs_dir_, data_dir, device, wait_s=wait_s)
+        t0 = time.time()
+        try:
+            with run_output(): r = run(s, evals, runs_dir_, data_dir, device, wait_s=wait_s)
         except InProgressElsewhere as e: print(f"skipped: {e}"); continue
+        t = r["timing"]
+        if t["train"] or t["evals"]: spent, computed, todo = spent + time.time() - t0, computed + 1, todo - 1
+        report(dict(event="run", i=i, n=len(specs), label=s.label, method=s.method, seed=s.seed, train=t["train"],
+                    evals=t["evals"], eta_s=round(spent / computed * todo) if computed and todo > 0 else None))
         for ekey, rec in r["evals"].items(): rows += _tidy(s, ekey, rec)
     return pd.DataFrame(rows)
 
@@ -894,6 +915,67 @@ def _cache_counts(runs_dir_) -> tuple[int, int]:
     d = Path(runs_dir_)
     return len(list(d.glob("*/TRAINED"))), len(list(d.glob("*/eval/*.json")))
 
+# %% ../nbs/06_experiments.ipynb #a62000a3
+def _param_path(p, env: str, root: Path, kernel_env: dict) -> str:
+    "How a notebook parameter names folder `p`: relative to the repository, else `$env` (set in `kernel_env`)."
+    p = Path(p).resolve()
+    try: return str(p.relative_to(root))
+    except ValueError: kernel_env[env] = str(p); return f"${env}"
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    "`os.environ` with `values` set inside the block (a kernel started inside inherits them)."
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try: yield
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def _portable_notebook(path: Path, input_path: str, output_path: str):
+    "Papermill records the absolute paths it ran with; keep the repository-relative ones instead."
+    import nbformat
+    nb = nbformat.read(str(path), as_version=4)
+    pm_meta = nb.metadata.get("papermill", {})
+    pm_meta.update(input_path=input_path, output_path=output_path)
+    atomic_write(path, nbformat.writes(nb) + "\n")
+
+# %% ../nbs/06_experiments.ipynb #a73205ea
+def _execute_paper_notebook(nb: Path, results_dir: Path, params: dict, profile: str, events: Path, kernel_env: dict,
+                            say) -> dict:
+    "Execute one paper notebook into `results_dir/notebooks` (replaced only when it succeeds); its wall-time row."
+    import papermill as pm
+    from alignlora.progress import PROGRESS_ENV, LOG_ENV
+    say(f"[reproduce] {nb.stem} (profile {profile}) ...")
+    out, log_file = results_dir / "notebooks" / nb.name, results_dir / "logs" / f"{nb.stem}.log"
+    running = out.with_name(f".{nb.stem}.running.ipynb")
+    log_file.unlink(missing_ok=True)
+    cache = _resolve_param(params["runs_dir"], kernel_env)
+    t0, before = time.time(), _cache_counts(cache)
+    try:
+        with _environ({**kernel_env, PROGRESS_ENV: str(events), LOG_ENV: str(log_file)}):
+            pm.execute_notebook(str(nb), str(running), parameters=params, kernel_name="python3", language="python",
+                                cwd=str(nb.parent), progress_bar=False, log_output=False)
+    except Exception as e:
+        failed = out.with_name(f"{nb.stem}.failed.ipynb")
+        if running.exists(): os.replace(running, failed)
+        msg = str(e).strip().splitlines()
+        raise RuntimeError(f"paper notebook {nb.name} failed (profile {profile}); earlier results are kept. The executed "
+                           f"notebook is {failed}, the libraries' output {log_file}.\n" + "\n".join(msg[-15:])) from None
+    _portable_notebook(running, f"nbs/paper/{nb.name}", f"{params['results_dir']}/notebooks/{nb.name}")
+    os.replace(running, out); out.with_name(f"{nb.stem}.failed.ipynb").unlink(missing_ok=True)
+    after = _cache_counts(cache)
+    row = dict(notebook=nb.stem, wall_s=round(time.time() - t0, 1), new_runs=after[0] - before[0],
+               new_evals=after[1] - before[1], finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    say(f"[reproduce] {nb.stem} done in {row['wall_s']:.0f} s ({row['new_runs']} runs trained, "
+        f"{row['new_evals']} evaluations computed)")
+    return row
+
+def _resolve_param(value: str, kernel_env: dict) -> Path:
+    "The folder a path parameter of `reproduce` names (the inverse of `_param_path`)."
+    return Path(kernel_env[value[1:]]) if value.startswith("$") else project_root() / value
+
 # %% ../nbs/06_experiments.ipynb #03532a98
 def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
               results_dir: str | Path | None = None,  # default results/<profile>
@@ -901,43 +983,40 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
               runs_dir_: str | Path | None = None,    # run cache (default $ALIGNLORA_RUNS or runs/)
               data_dir: str | Path | None = None,     # offline data (default $ALIGNLORA_DATA)
               only: Iterable[str] | None = None,      # run only notebooks whose name contains one of these
-              log=print) -> pd.DataFrame:
+              log=print,                              # where the per-notebook lines go (without `progress`)
+              progress: bool = False) -> pd.DataFrame:  # a bar over notebooks and one line per finished run, on stderr
     "Execute the paper notebooks with papermill; returns the wall time per notebook."
-    import papermill as pm
-    p = get_profile(profile)
-    root = project_root()
-    results_dir = Path(results_dir or root / "results" / p.name).resolve()
+    from alignlora.progress import PROGRESS_ENV, LOG_ENV, Follower, run_line
     from alignlora.data import data_dir as find_data
-    data = find_data(data_dir)   # checked before any notebook runs; absolute, because notebooks run in nbs/paper/
-    (results_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    params = dict(profile=p.name, seeds=list(seeds) if seeds else list(p.seeds), results_dir=str(results_dir),
-                  runs_dir=str(Path(runs_dir(runs_dir_)).resolve()), data_dir=str(data.resolve()) if data else "")
-    times = []
-    wt = results_dir / "walltimes.csv"
+    from tqdm.auto import tqdm
+    p, root = get_profile(profile), project_root()
+    results_dir = Path(results_dir or root / "results" / p.name).resolve()
+    data = find_data(data_dir)   # checked before any notebook runs
+    (results_dir / "notebooks").mkdir(parents=True, exist_ok=True); (results_dir / "logs").mkdir(exist_ok=True)
+    kernel_env = {}
+    params = dict(profile=p.name, seeds=list(seeds) if seeds else list(p.seeds),
+                  results_dir=_param_path(results_dir, "ALIGNLORA_RESULTS", root, kernel_env),
+                  runs_dir=_param_path(runs_dir(runs_dir_), "ALIGNLORA_RUNS", root, kernel_env),
+                  data_dir=_param_path(data, "ALIGNLORA_DATA", root, kernel_env) if data else "")
+    events = results_dir / "logs" / "progress.jsonl"; events.write_text("")
+    notebooks = paper_notebooks(only)
+    bar = tqdm(notebooks, desc=f"reproduce {p.name}", unit="notebook", disable=not progress, file=sys.stderr)
+    say = bar.write if progress else log
+    current = {"nb": ""}
+    follower = Follower(events, lambda ev: say(f"  [{current['nb']}] {run_line(ev)}") if ev.get("event") == "run" else None)
+    times, wt = [], results_dir / "walltimes.csv"
     old = read_table(wt)[0].drop(columns=["index"], errors="ignore") if wt.exists() else pd.DataFrame(columns=["notebook", "wall_s"])
-    for nb in paper_notebooks(only):
-        log(f"[reproduce] {nb.stem} (profile {p.name}) ...")
-        t0, before = time.time(), _cache_counts(params["runs_dir"])
-        try:
-            pm.execute_notebook(str(nb), str(results_dir / "notebooks" / nb.name), parameters=params,
-                                kernel_name="python3", language="python", cwd=str(nb.parent), progress_bar=False,
-                                log_output=False)
-        except Exception as e:
-            msg = str(e).strip().splitlines()
-            raise RuntimeError(f"paper notebook {nb.name} failed (profile {p.name}); earlier results are kept.\n"
-                               + "\n".join(msg[-15:])) from None
-        after = _cache_counts(params["runs_dir"])
-        times.append(dict(notebook=nb.stem, wall_s=round(time.time() - t0, 1), new_runs=after[0] - before[0],
-                          new_evals=after[1] - before[1], finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
-        log(f"[reproduce] {nb.stem} done in {times[-1]['wall_s']:.0f} s ({times[-1]['new_runs']} runs trained, "
-            f"{times[-1]['new_evals']} evaluations computed)")
-        new = pd.DataFrame(times)   # written after every notebook: a later failure keeps these times
-        merged = pd.concat([old[~old.notebook.isin(new.notebook)], new]).sort_values("notebook").reset_index(drop=True)
-        merged = merged.astype({"new_runs": "Int64", "new_evals": "Int64"})   # blank for rows written by older versions
-        write_table(merged, "walltimes", results_dir, provenance(p.name, model=p.model, seeds=params["seeds"]),
-                    title="Wall time per paper notebook",
-                    notes="wall_s: the latest execution of each notebook; new_runs / new_evals: what it computed (0 = all "
-                          "from the run cache, so its wall time is not a cold-cache figure).")
+    with follower if progress else contextlib.nullcontext():
+        for nb in bar:
+            current["nb"] = nb.stem; bar.set_postfix_str(nb.stem)
+            times.append(_execute_paper_notebook(nb, results_dir, params, p.name, events, kernel_env, say))
+            new = pd.DataFrame(times)   # written after every notebook: a later failure keeps these times
+            merged = pd.concat([old[~old.notebook.isin(new.notebook)], new]).sort_values("notebook").reset_index(drop=True)
+            merged = merged.astype({"new_runs": "Int64", "new_evals": "Int64"})   # blank for rows written by older versions
+            write_table(merged, "walltimes", results_dir, provenance(p.name, model=p.model, seeds=params["seeds"]),
+                        title="Wall time per paper notebook",
+                        notes="wall_s: the latest execution of each notebook; new_runs / new_evals: what it computed (0 = all "
+                              "from the run cache, so its wall time is not a cold-cache figure).")
     if not times: merged = old
     adjust_claim_files(results_dir)   # Holm across every notebook's effect claims of this profile
     write_index(results_dir.parent)
@@ -954,10 +1033,11 @@ def reproduce_cli(argv=None):
     ap.add_argument("--runs-dir", default=None)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--only", default=None, help="comma-separated notebook name parts")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar and no per-run lines")
     a = ap.parse_args(argv)
     try:
         reproduce(a.profile, a.results_dir or None, [int(s) for s in a.seeds.split(",")] if a.seeds else None,
-                  a.runs_dir, a.data_dir, a.only.split(",") if a.only else None)
+                  a.runs_dir, a.data_dir, a.only.split(",") if a.only else None, progress=not a.quiet)
     except (RuntimeError, FileNotFoundError) as e:
         print(e, file=sys.stderr); raise SystemExit(1)
 

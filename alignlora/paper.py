@@ -149,11 +149,12 @@ def claim_rows(claims: list[Claim],  # the notebook's declared claims
     return rows
 
 # %% ../nbs/07_paper.ipynb #3d713ee9
-import os, time
+import contextlib, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .experiments import (get_profile, provenance, write_table, write_claims, save_figure, make_spec, make_eval,
-                                  run_grid, Profile, profile_dtype)
+                                  run_grid, Profile, profile_dtype, project_root)
+from .progress import LOG_ENV, library_output_to
 
 @dataclass
 class PaperContext:
@@ -164,8 +165,12 @@ class PaperContext:
     runs_dir: str | None
     data_dir: str | None
     model: str
+    shown_results: str = ""   # the results folder as the parameter named it (what the executed notebook prints)
     t0: float = field(default_factory=time.time)
 
+    def __str__(self):
+        return (f"profile {self.profile.name}, model {self.model}, seeds {self.seeds}; "
+                f"results in {self.shown_results or self.results_dir.name}")
     def prov(self, **extra) -> dict:
         "Provenance for a results file written now."
         return provenance(self.profile.name, model=self.model, seeds=self.seeds, wall_s=time.time() - self.t0,
@@ -186,22 +191,43 @@ class PaperContext:
         "Run methods × seeds on `tasks` (cached) and return the tidy frame."
         specs = [self.spec(m, tasks, seed=s, **kw) for m in methods for s in self.seeds]
         return run_grid(specs, evals, self.runs_dir, self.data_dir, device=self.profile.device)
+    # the writers return file names inside the results folder: what an executed notebook shows on any machine
     def table(self, df, name, title="", notes="", **prov):
         "Write `name.csv/.md` into the results folder with provenance."
-        return write_table(df, name, self.results_dir, self.prov(**prov), title=title, notes=notes)
+        return _names(write_table(df, name, self.results_dir, self.prov(**prov), title=title, notes=notes))
     def claims(self, rows, name):
-        return write_claims(rows, name, self.results_dir, self.prov())
+        "Write `claims_<name>.csv/.md` (see `write_claims`)."
+        return _names(write_claims(rows, name, self.results_dir, self.prov()))
     def figure(self, fig, name, **prov):
-        return save_figure(fig, name, self.results_dir, self.prov(**prov))
+        "Write `name.png` with provenance (see `save_figure`)."
+        return _names(save_figure(fig, name, self.results_dir, self.prov(**prov)))
+
+def _names(written):
+    return {k: Path(v).name for k, v in written.items()} if isinstance(written, dict) else Path(written).name
+
+def _folder(value: str, name: str) -> Path | None:
+    "A folder parameter: `$VARIABLE`s expanded, relative to the repository root; None when empty."
+    if not value: return None
+    p = Path(os.path.expandvars(value))
+    if "$" in str(p): raise ValueError(f"{name}={value!r}: environment variable not set; set it or pass the folder itself")
+    return p if p.is_absolute() else project_root() / p
+
+_NOTEBOOK_LOG = contextlib.ExitStack()   # the kernel's library output, redirected for its lifetime
 
 def paper_context(profile: str = "cpu", seeds=None, data_dir: str = "", runs_dir: str = "", results_dir: str = "",
                   model: str = "") -> PaperContext:
-    "Resolve a paper notebook's papermill parameters."
+    "Resolve a paper notebook's papermill parameters (relative folders are relative to the repository root)."
     p = get_profile(profile)
-    rd = Path(results_dir or Path("..", "..", "results", p.name)).resolve(); rd.mkdir(parents=True, exist_ok=True)
-    return PaperContext(profile=p, seeds=list(seeds) if seeds else list(p.seeds), results_dir=rd,
-                        runs_dir=runs_dir or None, data_dir=data_dir or os.environ.get("ALIGNLORA_DATA") or None,
-                        model=model or p.model)
+    rd = _folder(results_dir, "results_dir") or project_root() / "results" / p.name
+    rd.mkdir(parents=True, exist_ok=True)
+    runs = _folder(runs_dir, "runs_dir") or _folder(os.environ.get("ALIGNLORA_RUNS", ""), "$ALIGNLORA_RUNS") or project_root() / "runs"
+    data = _folder(data_dir, "data_dir") or _folder(os.environ.get("ALIGNLORA_DATA", ""), "$ALIGNLORA_DATA")
+    log = os.environ.get(LOG_ENV)   # set by `reproduce`: bars, warnings and training logs go there, not into the notebook
+    if log and not _NOTEBOOK_LOG._exit_callbacks: _NOTEBOOK_LOG.enter_context(library_output_to(log))
+    return PaperContext(profile=p, seeds=list(seeds) if seeds else list(p.seeds), results_dir=rd, runs_dir=str(runs),
+                        data_dir=str(data) if data else None, model=model or p.model,
+                        shown_results=results_dir or f"results/{p.name}")
+
 
 # %% ../nbs/07_paper.ipynb #71e362b5
 def pct_param(model: str, method: str, target_modules=None, **overrides) -> float:

@@ -221,7 +221,7 @@ def test_run_keys_and_paper_training_args(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="device"): replace(g, device="tpu")
     seen = {}
     import alignlora.train as T
-    monkeypatch.setattr(T, "train", lambda *a, **kw: seen.setdefault(a[1].name, kw) and None or type("R", (), dict(model=None, tokenizer=None))())
+    monkeypatch.setattr(T, "train", lambda *a, **kw: seen.setdefault(a[1].name, kw) and None or type("R", (), dict(model=None, tokenizer=None, metrics={}, log=[]))())
     for m in ("lora", "align-lora-kl", "r-lora", "m-lora"):
         _train_run(make_spec("paper", m, PAPER_TASKS), tmp_path, record=False)
     for m, sched, warm in (("lora", "linear", 0), ("align-lora-kl", "linear", 0), ("r-lora", "cosine", 0.03), ("m-lora", "cosine", 0.03)):
