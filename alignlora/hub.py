@@ -144,6 +144,8 @@ def model_card(spec,                          # the run's `RunSpec`
             "## Method", "", f"{m.paper_name or m.name}: *{title}* ([arXiv {arxiv}](https://arxiv.org/abs/{arxiv})).",
             *([f"", f"Implementation note: {m.note}"] if m.note else []), "",
             "## Training", "", _table(("setting", "value"), _hparams(spec)), "",
+            *([f"Exported as a stock PEFT LoRA of rank {peft_rank}: the same update ΔW = B·A, written at the smallest "
+               "rank that holds it exactly (`alignlora.adapters.export_peft`).", ""] if peft_rank and peft_rank != m.adapter.r else []),
             "## Evaluation", "",
             (_table(("task", "protocol", "accuracy", "stderr", "rows", "eval key"), scores) if scores
              else "No cached evaluation of this run."), "",
@@ -214,7 +216,8 @@ def _card_meta(card: str) -> dict:
     return yaml.safe_load(card[4:].split("\n---\n", 1)[0]) or {}
 
 def _looks_local(base: str) -> bool:
-    return base.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(base)) or base.count("/") != 1
+    "A folder rather than a hub id ('gpt2' and 'owner/name' are hub ids)."
+    return base.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(base)) or base.count("/") > 1
 
 # %% ../nbs/06a_hub.ipynb #fb55ca28
 def push_to_hub(folder: str | Path,       # a folder written by `export_run`

@@ -73,7 +73,8 @@ def test_stock_lm_eval_agrees_loglik(exported, tmp_path):
     for i in range(n):   # the chosen answer of every row (argmax over the choices' log-likelihoods)
         lo = [r[0] for r in mine[i]["filtered_resps"]]; ls = [float(r[0]) for r in stock[i]["filtered_resps"]]
         assert max(range(len(lo)), key=lo.__getitem__) == max(range(len(ls)), key=ls.__getitem__), f"row {i}: {lo} vs {ls}"
-        assert max(abs(a - b) for a, b in zip(lo, ls)) < 1e-3, f"row {i}: {lo} vs {ls}"
+        # fp32 both ways; merged + packed (ours) vs PEFT unmerged + padded batches (stock): 2e-6 apart when written
+        assert max(abs(a - b) for a, b in zip(lo, ls)) < 1e-4, f"row {i}: {lo} vs {ls}"
         assert bool(stock[i]["acc"]) == bool(mine[i]["acc"])
     assert res["acc,none"] == ours["acc"]
     assert 0 < ours["acc"] < 1, "a row of each kind: some right, some wrong"
