@@ -26,7 +26,8 @@ from .align import (align_loss, align_groups, check_align_args, check_align_samp
 __all__ = ['IGNORE', 'SEGMENT_ATTENTION', 'ALIGN_MASKS', 'PAPER_TRAINING', 'RUN_FOLDER_FILES', 'shift_labels', 'pad_collate',
            'pack_collate', 'unpack', 'segment_sdpa', 'segment_attention', 'BalancedBatches', 'alignment_mask',
            'check_alignment', 'check_checkpointing', 'pin_single_process', 'AlignTrainer', 'TrainResult',
-           'check_train_args', 'StopOnNonFinite', 'last_good_checkpoint', 'train', 'batch_align_loss']
+           'check_train_args', 'StopOnNonFinite', 'last_good_checkpoint', 'check_report_to', 'train',
+           'batch_align_loss']
 
 # %% ../nbs/04_train.ipynb #cb47c8c4
 IGNORE = -100  # label of positions that carry no loss
@@ -348,13 +349,16 @@ class AlignTrainer(Trainer):
         self.pad_token_id = getattr(tok, "pad_token_id", None)
         if self.pad_token_id is None: self.pad_token_id = getattr(self.model.config, "pad_token_id", None) or 0
         self.model_accepts_loss_kwargs = True   # makes the Trainer count supervised tokens per accumulated batch
-        self._sums = torch.zeros(5, dtype=torch.float64)  # lm CE sum, lm tokens, align sum, micro-batches, real tokens
+        # lm CE sum, lm tokens, align sum, micro-batches, real tokens, then the training rows of each task
+        self._sums = torch.zeros(5 + self.num_tasks, dtype=torch.float64)
         self.real_tokens = 0
+        self._log_clock = None   # when the interval of the next log line began (`tokens_per_s`)
 
 # %% ../nbs/04_train.ipynb #at-train
 @patch
 def train(self: AlignTrainer, *args, **kwargs):
     "`Trainer.train`, on per-sequence attention throughout when packing (checkpoint recomputation included)."
+    self._log_clock = None   # restarted at the first step (`get_batch_samples`): setup and resume are not throughput
     with segment_attention(self.model, enabled=self.pack and self.per_sequence_attention):
         return super(AlignTrainer, self).train(*args, **kwargs)
 
@@ -366,6 +370,7 @@ def collate(self: AlignTrainer, features):
     real = b.get("unpack_mask", b["attention_mask"] if not self.pack else None)
     b["real_tokens"] = int(real.sum())                                         # built on the CPU
     if "cu_seq_lens" in b: b["cu_seq_bounds"] = b["cu_seq_lens"].tolist()
+    b["task_rows"] = torch.bincount(b["task_ids"], minlength=self.num_tasks).tolist()   # rows of each task (log)
     keep = b["shift_labels"] != IGNORE
     if keep.shape[0] == 1: b["logits_index"] = keep[0].nonzero().flatten()
     return b
@@ -415,6 +420,7 @@ def _align_value(self: AlignTrainer, feats, groups, mask, task_ids) -> torch.Ten
 @patch
 def get_batch_samples(self: AlignTrainer, epoch_iterator, num_batches, device):
     "The step's micro-batches, kept for the pre-pass when the alignment spans several of them."
+    if self._log_clock is None: self._log_clock = time.perf_counter()   # the first step starts the throughput clock
     batches, n_items = super(AlignTrainer, self).get_batch_samples(epoch_iterator, num_batches, device)
     self._step_batches = batches if self.align is not None and len(batches) > 1 else None
     return batches, n_items
@@ -451,10 +457,12 @@ def _add_to_sums(self: AlignTrainer, inputs: dict, ce_sum: torch.Tensor, n_sup: 
     real = inputs.get("real_tokens")
     if real is None: um = inputs.get("unpack_mask"); real = int(um.sum() if um is not None else inputs["attention_mask"].sum())
     self.real_tokens += real
+    rows = inputs.get("task_rows")   # host-side from `collate`; else counted here (a device sync)
+    if rows is None: rows = torch.bincount(inputs["task_ids"].cpu(), minlength=self.num_tasks).tolist()
     z = ce_sum.new_zeros((), dtype=torch.float64)
     a = (al.detach().double(), z + 1) if al is not None else (z, z)
     if self._sums.device != z.device: self._sums = self._sums.to(z.device)
-    self._sums += torch.stack([ce_sum.detach().double(), n_sup.double(), a[0], a[1], z + real])
+    self._sums += torch.stack([ce_sum.detach().double(), n_sup.double(), a[0], a[1], z + real, *(z + n for n in rows)])
 
 # %% ../nbs/04_train.ipynb #at-compute-loss
 @patch
@@ -496,17 +504,22 @@ def compute_loss(self: AlignTrainer, model, inputs, return_outputs=False, num_it
 # %% ../nbs/04_train.ipynb #at-log
 @patch
 def log(self: AlignTrainer, logs: dict[str, float], start_time: float | None = None) -> None:
-    "Adds `lm_loss` (token mean since the last log), `align_loss` and `align_samples` (per task) to training logs."
+    "Adds the interval's `lm_loss`, `align_loss`, `align_ratio`, tokens, tokens/s and rows per task to training logs."
     if "loss" in logs:
         s = self._sums.to(self.args.device, torch.float32 if self.args.device.type == "mps" else torch.float64)
         if self.args.world_size > 1: s = self.accelerator.reduce(s, reduction="sum")
         s = s.cpu().tolist()
-        logs["lm_loss"] = s[0] / max(s[1], 1)
+        now = time.perf_counter()                              # after the sync: the interval's work is done
+        lm = logs["lm_loss"] = s[0] / max(s[1], 1)
         if self.align is not None:
-            logs["align_loss"] = s[2] / max(s[3], 1)           # mean over the steps since the last log
+            al = logs["align_loss"] = s[2] / max(s[3], 1)      # mean over the steps since the last log
+            logs["align_ratio"] = self.align_lambda * al / lm if lm else math.nan
             n = getattr(self, "_align_samples", None)
             logs["align_samples"] = int(n) if n is not None else None
         logs["tokens"] = int(s[4])
+        if self._log_clock is not None and now > self._log_clock: logs["tokens_per_s"] = s[4] / (now - self._log_clock)
+        self._log_clock = now
+        logs.update({f"samples/{t}": int(n) for t, n in zip(self.task_names, s[5:])})
         self._sums.zero_()
     super(AlignTrainer, self).log(logs, start_time)
 
@@ -575,9 +588,10 @@ def _method_dict(method) -> dict:
 PAPER_TRAINING = dict(learning_rate=2e-4, num_train_epochs=1, lr_scheduler_type="cosine", warmup_steps=0.03,
                       optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0)
 
-def _training_args(out: Path, k: int, n_tasks: int, seed: int, device, progress: bool, overrides: dict) -> TrainingArguments:
+def _training_args(out: Path, k: int, n_tasks: int, seed: int, device, progress: bool, overrides: dict,
+                   report_to: Sequence[str] = ()) -> TrainingArguments:
     kw = dict(PAPER_TRAINING, output_dir=str(out), per_device_train_batch_size=k * n_tasks, seed=seed,
-              logging_steps=1, save_strategy="steps", save_steps=0.1, save_total_limit=1, report_to=[],
+              logging_steps=1, save_strategy="steps", save_steps=0.1, save_total_limit=1, report_to=list(report_to),
               remove_unused_columns=False, disable_tqdm=not progress, dataloader_num_workers=0,
               use_cpu=str(device) == "cpu", logging_nan_inf_filter=False)   # a NaN loss is logged as NaN, not hidden
     kw.update(overrides)
@@ -608,7 +622,7 @@ def _finalise(partial: Path, output_dir: Path, overwrite: bool):
     else: os.replace(partial, output_dir)
 
 # %% ../nbs/04_train.ipynb #63821b0b
-RUN_FOLDER_FILES = ("adapters", "checkpoints", "config.json", "log.jsonl", "metrics.json")   # what train() writes
+RUN_FOLDER_FILES = ("adapters", "checkpoints", "config.json", "log.jsonl", "logs", "metrics.json")   # what train() writes
 
 def check_train_args(tasks, n_train, k, max_length, seed, dtype, output_dir, training_args: dict) -> list[str]:
     "Validate `train`'s arguments (see above); returns the task names."
@@ -681,6 +695,32 @@ def last_good_checkpoint(ckpt_dir: str | Path) -> str | None:
         shutil.rmtree(c)
     return None
 
+# %% ../nbs/04_train.ipynb #a307de6e
+_TRACKER_PIP = dict(azure_ml="azureml-core", comet_ml="comet-ml", flyte="flytekit")   # where the pip name differs
+
+def check_report_to(report_to,  # None / 'none': no tracker; 'all': every installed one; a tracker name or a list of them
+                   ) -> list[str]:
+    "The trackers for `TrainingArguments.report_to`: each a transformers integration whose package is installed."
+    from transformers.integrations import integration_utils as iu
+    from alignlora.errors import check_names
+    if report_to is None or report_to == "none" or (not isinstance(report_to, str) and list(report_to) in ([], ["none"])):
+        return []
+    if report_to == "all" or report_to == ["all"]: return iu.get_available_reporting_integrations()
+    names = check_names("report_to", report_to, iu.INTEGRATION_TO_CALLBACK, "experiment tracker")
+    installed = iu.get_available_reporting_integrations() + (["flyte"] if iu.is_flytekit_available() else [])
+    for n in names:
+        if n not in installed:
+            pip = _TRACKER_PIP.get(n, n)
+            raise ImportError(f"report_to={report_to!r}: {n} requested but the `{pip}` package is not installed: "
+                              f"pip install {pip} (or leave {n!r} out of report_to).")
+    return list(names)
+
+def _log_tensorboard_to(trainer: Trainer, logdir: Path) -> None:
+    "Point the Trainer's TensorBoard callback, when `report_to` has one, at `logdir`."
+    from transformers.integrations import TensorBoardCallback
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback): cb.logging_dir = str(logdir)
+
 # %% ../nbs/04_train.ipynb #tr-resolve
 @dataclass
 class _Settings:
@@ -692,11 +732,19 @@ class _Settings:
     align_lambda: float   # λ
     align_groups: str     # 'task' | 'positional'
     grad_accum: int       # micro-batches per optimizer step
+    report_to: list[str] = field(default_factory=list)   # experiment trackers (`check_report_to`)
 
 def _resolve(tasks, method, n_train, k, max_length, seed, dtype, output_dir, align, align_lambda, align_samples,
-             align_groups, pack, align_mask, training_args: dict) -> _Settings:
+             align_groups, pack, align_mask, training_args: dict, report_to=None, logging_dir=None) -> _Settings:
     "Check `train`'s arguments and resolve them against the method (sets the batch and accumulation in `training_args`)."
     task_names = check_train_args(tasks, n_train, k, max_length, seed, dtype, output_dir, training_args)
+    trackers = check_report_to(report_to)
+    if "tensorboard" in trackers and logging_dir is None and output_dir is None:
+        raise ValueError("report_to='tensorboard' with output_dir=None would write the event files to a temp folder "
+                         "deleted at the end: pass logging_dir=... (or an output_dir; they go to <output_dir>/logs).")
+    if logging_dir is not None and "tensorboard" not in trackers:
+        warnings.warn(f"logging_dir={str(logging_dir)!r} is where TensorBoard writes, but report_to={report_to!r} has no "
+                      "'tensorboard': nothing is written there.")
     m = get_method(method) if isinstance(method, str) else method
     if "per_device_train_batch_size" in training_args:
         bs = training_args.pop("per_device_train_batch_size")
@@ -711,7 +759,7 @@ def _resolve(tasks, method, n_train, k, max_length, seed, dtype, output_dir, ali
     kind, lam = check_alignment(kind, lam or 0.0, getattr(m, "adapter", None), k, pack, align_mask, ga, groups)
     if kind is not None and len(task_names) < 2: raise ValueError("alignment needs at least 2 tasks.")
     check_checkpointing(kind if lam else None, training_args)
-    return _Settings(task_names, m, k, kind, lam, groups, ga)
+    return _Settings(task_names, m, k, kind, lam, groups, ga, trackers)
 
 # %% ../nbs/04_train.ipynb #tr-build
 def _model_with_adapters(model_name, tokenizer, method, target_modules, seed: int, dtype, device) -> tuple:
@@ -840,10 +888,12 @@ def train(model_name: str,                      # `load_model` name / folder (or
           keep_checkpoints: bool = False,       # keep `checkpoints/` in the finished run folder
           progress: bool = True,                # progress bar
           callbacks: Sequence[TrainerCallback] = (),  # extra Trainer callbacks
+          report_to: str | Sequence[str] | None = None,  # experiment trackers: 'tensorboard', 'wandb', 'trackio', ...
+          logging_dir: str | Path | None = None,  # TensorBoard event files; None: `<output_dir>/logs`
           **training_args) -> TrainResult:      # anything else: `TrainingArguments` (max_steps, gradient_accumulation_steps, ...)
     "Train `method` on the balanced mix of `tasks`; write the run folder atomically; return the trained model and logs."
     s = _resolve(tasks, method, n_train, k, max_length, seed, dtype, output_dir, align, align_lambda, align_samples,
-                 align_groups, pack, align_mask, training_args)
+                 align_groups, pack, align_mask, training_args, report_to=report_to, logging_dir=logging_dir)
     model, tok = _model_with_adapters(model_name, tokenizer, s.method, target_modules, seed, dtype, device)
     data = _training_data(s.tasks, tok, n_train, seed, max_length, data_dir)
     config = _run_config(model_name, s, data.task_sizes, n_train=n_train, max_length=max_length, seed=seed,
@@ -851,7 +901,7 @@ def train(model_name: str,                      # `load_model` name / folder (or
                          supervised_logits=supervised_logits, target_modules=target_modules, dtype=dtype, device=device,
                          data_dir=data_dir, training_args=training_args)
     run = _open_run_folder(output_dir, json.dumps(config, sort_keys=True), resume_from_checkpoint)
-    args = _training_args(run.checkpoints, s.k, len(s.tasks), seed, device, progress, training_args)
+    args = _training_args(run.checkpoints, s.k, len(s.tasks), seed, device, progress, training_args, s.report_to)
     config["training_args"] = _jsonable(args.to_dict())
     resume = _resume_point(resume_from_checkpoint, run.checkpoints)
     logger = _JsonlLog(run.partial / "log.jsonl" if run.output_dir is not None else None)
@@ -859,6 +909,7 @@ def train(model_name: str,                      # `load_model` name / folder (or
                            task_names=s.tasks, align=s.align, align_lambda=s.align_lambda, align_pool=align_pool,
                            align_mask=align_mask, align_groups=s.align_groups, pack=pack, pack_max_tokens=pack_max_tokens,
                            supervised_logits=supervised_logits, callbacks=[logger, StopOnNonFinite(), *callbacks])
+    _log_tensorboard_to(trainer, Path(logging_dir) if logging_dir is not None else run.partial / "logs")   # moves with it
     metrics = _fit(trainer, resume, device)
     _finish_run(model, trainer, run, config, metrics, keep_checkpoints, overwrite)
     return TrainResult(model=model, tokenizer=tok, output_dir=run.output_dir, log=logger.rows, metrics=metrics,

@@ -82,3 +82,47 @@ def test_torchrun_ddp(tmp_path):
     log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4]
     assert all("align_loss" in row for row in log)
+
+
+def test_tensorboard_logs_match_log_history(tmp_path):
+    # the event files hold exactly the logged numbers; rows per task come from the micro-batches actually trained
+    from transformers import TrainerCallback
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from alignlora import train as T
+    class History(TrainerCallback):
+        def on_train_end(self, args, state, control, **kw): self.rows = [x for x in state.log_history if "loss" in x]
+    seen, orig = [], T.AlignTrainer.compute_loss
+    def spy(self, model, inputs, *a, **kw):
+        if model.training: seen.append(inputs["task_ids"].tolist())
+        return orig(self, model, inputs, *a, **kw)
+    h, k, ga, every, tasks = History(), 2, 2, 2, ["qnli", "piqa"]
+    T.AlignTrainer.compute_loss = spy
+    try:
+        r = T.train("tiny", "align-lora-kl", tasks, output_dir=tmp_path / "run", n_train=8, max_length=96, k=k,
+                    max_steps=4, logging_steps=every, gradient_accumulation_steps=ga, progress=False,
+                    report_to="tensorboard", callbacks=[h])
+    finally: T.AlignTrainer.compute_loss = orig
+    assert len(h.rows) == 2
+    ea = EventAccumulator(str(tmp_path / "run" / "logs")); ea.Reload()
+    for tag in ("lm_loss", "align_loss", "align_ratio", "grad_norm", "tokens_per_s", "samples/qnli", "samples/piqa"):
+        ev = {e.step: e.value for e in ea.Scalars("train/" + tag)}
+        for x in h.rows: assert abs(ev[x["step"]] - x[tag]) <= 1e-6 * max(1.0, abs(x[tag])), (tag, ev, x)
+    per_log = ga * every                          # micro-batches behind one log line
+    for i, x in enumerate(h.rows):
+        mb = seen[per_log * i: per_log * (i + 1)]
+        for t, name in enumerate(tasks): assert x[f"samples/{name}"] == sum(b.count(t) for b in mb)
+        assert sum(x[f"samples/{n}"] for n in tasks) == k * len(tasks) * per_log
+        assert abs(x["align_ratio"] - r.config["align_lambda"] * x["align_loss"] / x["lm_loss"]) < 1e-9 * x["align_ratio"]
+    assert sum(x["tokens"] / x["tokens_per_s"] for x in h.rows) <= r.metrics["wall_time_s"]
+
+
+def test_bad_report_to_fails_before_the_model_loads():
+    from transformers.integrations import integration_utils as iu
+    with pytest.raises(ValueError, match="Did you mean 'tensorboard'"):
+        train("no-such-model", "lora", ["qnli"], report_to="tensorbord")
+    missing = [n for n in iu.INTEGRATION_TO_CALLBACK if n not in iu.get_available_reporting_integrations() + ["flyte"]]
+    if missing:
+        with pytest.raises(ImportError, match="not installed: pip install"):
+            train("no-such-model", "lora", ["qnli"], report_to=missing[0])
+    with pytest.raises(ValueError, match="logging_dir"):
+        train("no-such-model", "lora", ["qnli"], report_to="tensorboard")
