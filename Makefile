@@ -46,10 +46,11 @@ nbtest: venv
 pytest: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
-# Main job: the paper notebooks through papermill, default profile `cpu`. ALIGNLORA_MODELS=name=/path,... (local
-# model folders) and HF_HOME (a pre-filled Hugging Face cache) reach every notebook through the environment.
+# Main job: the paper notebooks through papermill, default profile `cpu`; a bar over notebooks and one line per finished
+# run on stderr, the libraries' output in results/<profile>/logs/. REPORT_TO=tensorboard (or wandb, trackio) logs training.
+# ALIGNLORA_MODELS=name=/path,... (local model folders) and HF_HOME (a pre-filled Hugging Face cache) reach every notebook through the environment.
 reproduce: venv
-	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} \
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} $(if $(REPORT_TO),ALIGNLORA_REPORT_TO=$(REPORT_TO),) \
 	  $(BIN)/python -c 'import sys; from alignlora.experiments import reproduce_cli; reproduce_cli(sys.argv[1:])' \
 	  --profile $(PROFILE) --results-dir $(RESULTS_DIR) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(ONLY),--only $(ONLY),)
 

@@ -21,7 +21,7 @@ __all__ = ['PROFILES', 'AUTHORS_SCHEDULES', 'R_LORA_FAMILY', 'DTYPE_ALIASES', 'D
            'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'boot_summary', 'paired_bootstrap',
            'mde', 'rows_for_mde', 'fmt_pm', 'verdict', 'bootstrap_rows', 'hardware', 'data_manifest_hash', 'provenance',
            'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere',
-           'Claim', 'load_run', 'eval_status', 'run', 'run_grid', 'collect', 'per_example', 'printed_match',
+           'Claim', 'load_run', 'eval_status', 'trackers', 'run', 'run_grid', 'collect', 'per_example', 'printed_match',
            'claim_row', 'write_claims', 'holm', 'adjust_claims', 'adjust_claim_files', 'project_root',
            'paper_notebooks', 'reproduce', 'reproduce_cli', 'claims_summary', 'write_index', 'memory_table']
 
@@ -577,7 +577,8 @@ def _dtype(name):
     import torch
     return getattr(torch, name)
 
-def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True, data_hash: str = "hub", record: bool = True):
+def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True, data_hash: str = "hub", record: bool = True,
+               report_to=()):
     from alignlora.train import train
     from alignlora.methods import get_method
     CALLS["train"] += 1
@@ -587,7 +588,8 @@ def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True, 
                 n_train=spec.n_train, k=spec.k, max_length=spec.max_length, seed=spec.seed,
                 target_modules=spec.target_modules, dtype=_dtype(spec.dtype), device=device,
                 learning_rate=spec.lr, max_steps=spec.max_steps if spec.max_steps else -1,
-                gradient_accumulation_steps=spec.grad_accum, disable_tqdm=quiet, **dict(spec.train_args))
+                gradient_accumulation_steps=spec.grad_accum, disable_tqdm=quiet, report_to=report_to or None,
+                **dict(spec.train_args))
     if record: atomic_json(d / "TRAINED", {"format": RECORD_FORMAT, "files_sha256": _files_hash(d / "train"),
                                 "data_sha256": data_hash, "finished": time.time()})
     wall = res.metrics.get("wall_time_s") or 0.0   # this process's training time (a resumed run: since the resume)
@@ -665,17 +667,26 @@ def _free_memory():
     gc.collect()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
 
+# %% ../nbs/06_experiments.ipynb #16792b42
+def trackers(report_to=None) -> tuple:
+    "Experiment trackers for training: `report_to` if given, else `$ALIGNLORA_REPORT_TO` (comma-separated), else none."
+    from alignlora.train import check_report_to
+    if report_to is None: report_to = [t for t in os.environ.get("ALIGNLORA_REPORT_TO", "").split(",") if t.strip()]
+    return tuple(check_report_to(report_to))
+
 # %% ../nbs/06_experiments.ipynb #360a1ec7
 def run(spec: RunSpec,                       # what to train
         evals: Iterable[EvalSpec] = (),      # what to evaluate it on
         runs_dir_: str | Path | None = None, # run cache folder (default $ALIGNLORA_RUNS or runs/)
         data_dir: str | Path | None = None,  # offline data folder (default $ALIGNLORA_DATA, else hub)
         device: str | None = None,           # None: the spec's device class ('cuda' → cuda:$LOCAL_RANK under torchrun)
-        wait_s: float | None = None) -> dict:  # how long to wait for another process's claim (None: while it lives)
+        wait_s: float | None = None,         # how long to wait for another process's claim (None: while it lives)
+        report_to=None) -> dict:             # experiment trackers for training (None: $ALIGNLORA_REPORT_TO, else none)
     "Train (unless cached) and evaluate (unless cached); returns {'spec', 'dir', 'evals': {ekey: result}}."
     from alignlora.errors import disk_full_guard
     from alignlora.eval import expand_tasks
     evals = list(evals)
+    report_to = trackers(report_to)
     for e in evals:
         if not isinstance(e, EvalSpec): raise TypeError(f"evals must be EvalSpec objects (make_eval(...)), got {e!r}")
     d, device = runs_dir(runs_dir_) / spec.key, device or spec.device
@@ -698,7 +709,7 @@ def run(spec: RunSpec,                       # what to train
                         if rank == 0 and st != "trained": d.mkdir(parents=True, exist_ok=True); _write_spec(d, spec)
                         if _rank0_decides(st != "trained", world):
                             model, tok, timing["train"] = _train_run(spec, d, data_dir, device, data_hash=train_data,
-                                                                     record=rank == 0)
+                                                                     record=rank == 0, report_to=report_to)
             out = {"spec": spec, "dir": d, "evals": {}, "timing": timing}
             if rank != 0: model = tok = None; _free_memory()   # rank 0 evaluates; the others wait for its records
             for e in evals:
@@ -744,7 +755,8 @@ def _cached(spec: RunSpec, evals: list, runs_dir_) -> bool:
 def run_grid(specs: Iterable[RunSpec], evals: Iterable[EvalSpec] = (), runs_dir_=None, data_dir=None,
              device: str | None = None,     # None: each spec's device class
              progress: bool | None = None,  # a bar over runs; None: unless a progress file takes the runs' lines
-             wait_s: float | None = None) -> pd.DataFrame:  # a number: skip (and report) runs busy elsewhere that long
+             wait_s: float | None = None,   # a number: skip (and report) runs busy elsewhere that long
+             report_to=None) -> pd.DataFrame:  # experiment trackers for training (see `run`)
     "Run every spec (cached ones cost nothing) and return the tidy results frame; each finished run is reported."
     from tqdm.auto import tqdm
     from alignlora.progress import PROGRESS_ENV, report, run_output
@@ -757,7 +769,7 @@ def run_grid(specs: Iterable[RunSpec], evals: Iterable[EvalSpec] = (), runs_dir_
         bar.set_postfix_str(s.label)
         t0 = time.time()
         try:
-            with run_output(): r = run(s, evals, runs_dir_, data_dir, device, wait_s=wait_s)
+            with run_output(): r = run(s, evals, runs_dir_, data_dir, device, wait_s=wait_s, report_to=report_to)
         except InProgressElsewhere as e: print(f"skipped: {e}"); continue
         t = r["timing"]
         if t["train"] or t["evals"]: spent, computed, todo = spent + time.time() - t0, computed + 1, todo - 1
