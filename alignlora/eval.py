@@ -15,10 +15,11 @@ from .errors import check_int, nearest
 from .files import atomic_write
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'STOCK_YAML', 'process_generation', 'tasks_dir', 'stock_yaml', 'expand_tasks', 'lm_task_name',
-           'write_rows', 'write_task_yaml', 'primary_metric', 'merged_adapters', 'pack_choices', 'packed_mask',
-           'packed_loglik', 'prefix_groups', 'prefix_greedy', 'shared_prompt_lm', 'evaluate', 'greedy_reference',
-           'stop_strings']
+__all__ = ['PROTOCOLS', 'STOCK_YAML', 'BACKENDS', 'VLLM_LORA_RANKS', 'VLLM_PIP', 'PROBE', 'process_generation', 'tasks_dir',
+           'stock_yaml', 'expand_tasks', 'lm_task_name', 'write_rows', 'write_task_yaml', 'primary_metric',
+           'merged_adapters', 'pack_choices', 'packed_mask', 'packed_loglik', 'prefix_groups', 'prefix_greedy',
+           'shared_prompt_lm', 'vllm_installed', 'vllm_lora_rank', 'vllm_model_args', 'vllm_command', 'check_vllm',
+           'pick_backend', 'lora_applied', 'check_lora_applied', 'evaluate', 'greedy_reference', 'stop_strings']
 
 # %% ../nbs/05_eval.ipynb #3d2d554f
 def process_generation(doc: dict,      # one row of the task's JSONL (see `write_rows`)
@@ -408,6 +409,11 @@ def _write_task_folder(tmp: Path, rows: dict, protocol, data_dir, max_new_tokens
     return lm_names
 
 # %% ../nbs/05_eval.ipynb #e5a1c0d5
+def _no_progress(lm):
+    "lm-eval's request loops take `disable_tqdm`; its evaluator does not pass it on."
+    for req in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
+        setattr(lm, req, functools.partial(getattr(lm, req), disable_tqdm=True))
+
 def _make_lm(model, tokenizer, batch_size, progress, shared_prompt, prefix_cache):
     "lm-eval's `HFLM` (or `shared_prompt_lm()`) on the in-memory model, in eval mode, fp32 log-softmax."
     import torch
@@ -416,26 +422,27 @@ def _make_lm(model, tokenizer, batch_size, progress, shared_prompt, prefix_cache
     LM = shared_prompt_lm() if shared_prompt or prefix_cache else HFLM
     lm = LM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
     if LM is not HFLM: lm.packed, lm.prefix_min = shared_prompt, (64 if prefix_cache else None)
-    if not progress:  # lm-eval's request loops take `disable_tqdm`; its evaluator does not pass it on
-        for req in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
-            setattr(lm, req, functools.partial(getattr(lm, req), disable_tqdm=True))
+    if not progress: _no_progress(lm)
     return lm
+
+def _simple_evaluate(lm, tmp: Path, lm_names: dict, seed) -> dict:
+    "lm-eval's raw results of `lm` on the tasks in `tmp` (both backends)."
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    tm = TaskManager(include_path=str(tmp), include_defaults=False)
+    return lm_eval.simple_evaluate(model=lm, tasks=list(lm_names.values()), task_manager=tm, log_samples=True,
+                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
 
 def _run_lm_eval(model, tokenizer, tmp: Path, lm_names: dict, batch_size, seed, progress, merge, shared_prompt,
                  prefix_cache) -> dict:
     "lm-eval's raw results on the tasks in `tmp`; the model leaves in its previous mode, adapters unmerged."
-    import lm_eval
-    from lm_eval.tasks import TaskManager
     was_training = model.training
     quiet, lm, merging = _Quiet(), None, None
     try:
         quiet.__enter__()
-        tm = TaskManager(include_path=str(tmp), include_defaults=False)
         merging = merged_adapters(model, merge); merging.__enter__()
         lm = _make_lm(model, tokenizer, batch_size, progress, shared_prompt, prefix_cache)
-        return lm_eval.simple_evaluate(model=lm, tasks=list(lm_names.values()), task_manager=tm,
-                                       log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                                       torch_random_seed=seed, fewshot_random_seed=seed)
+        return _simple_evaluate(lm, tmp, lm_names, seed)
     finally:
         if merging is not None: merging.__exit__(None, None, None)
         model.train(was_training); quiet.__exit__()
@@ -459,13 +466,175 @@ def _task_results(raw: dict, lm_names: dict, rows: dict, protocol: str) -> dict:
     if bbh: res["bbh"] = _macro(res, bbh)
     return res
 
+# %% ../nbs/05_eval.ipynb #9656c1b6
+BACKENDS = ("hf", "vllm")
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)   # vllm.config.lora.MaxLoRARanks (less 1: not in older vLLM)
+VLLM_PIP = "pip install 'lm-eval[vllm]'"
+
+def vllm_installed() -> bool:
+    "Whether `vllm` can be imported here (looked up, not imported)."
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+def vllm_lora_rank(r: int) -> int:   # the adapter's rank
+    "The smallest `max_lora_rank` vLLM accepts that holds a rank-`r` adapter."
+    check_int("r", r)
+    fit = [v for v in VLLM_LORA_RANKS if v >= r]
+    if not fit: raise ValueError(f"adapter rank r={r} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}: "
+                                 "evaluate this model with backend='hf'.")
+    return fit[0]
+
+def vllm_model_args(base: str,                # what vLLM loads: hub id or transformers folder of the adapter's base
+                    adapter_dir=None,         # stock PEFT LoRA folder (None: the base model alone)
+                    rank: int | None = None,  # the adapter's rank (its adapter_config.json `r`)
+                    dtype: str = "auto",      # 'float32' | 'bfloat16' | 'float16' | 'auto'
+                    seed: int = 0,            # vLLM's seed (greedy decoding draws nothing; kept equal to lm-eval's)
+                    batch_size="auto",        # lm-eval's request chunks ('auto': vLLM schedules all requests)
+                    gpu_memory_utilization: float | None = None) -> dict:  # share of the GPU vLLM takes (None: its 0.9)
+    "lm-eval `VLLM` model arguments for `base`, plus the LoRA at `adapter_dir` with a `max_lora_rank` that holds it."
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"base must be a hub id or a model folder vLLM can load, got {base!r}.")
+    if dtype not in ("float32", "bfloat16", "float16", "auto"):
+        raise ValueError(f"dtype must be 'float32', 'bfloat16', 'float16' or 'auto', got {dtype!r}.")
+    args = dict(pretrained=base, dtype=dtype, seed=int(seed), batch_size=batch_size)
+    if gpu_memory_utilization is not None: args["gpu_memory_utilization"] = float(gpu_memory_utilization)
+    if adapter_dir is not None:
+        if rank is None: raise ValueError("vllm_model_args: rank is needed with adapter_dir (its adapter_config.json `r`).")
+        args.update(enable_lora=True, max_lora_rank=vllm_lora_rank(rank), lora_local_path=str(adapter_dir))
+    return args
+
+def vllm_command(args: dict,        # `vllm_model_args`
+                 tasks: list,       # lm-eval task names
+                 include_path) -> str:  # the folder of their YAMLs
+    "The `lm_eval` command line of the same evaluation."
+    ma = ",".join(f"{k}={v}" for k, v in args.items() if k != "batch_size")
+    return (f"lm_eval --model vllm --model_args {ma} --batch_size {args.get('batch_size', 'auto')} "
+            f"--tasks {','.join(tasks)} --include_path {include_path} --log_samples")
+
+# %% ../nbs/05_eval.ipynb #c608cdc7
+def _routed_error(cfg) -> ValueError:
+    from alignlora.methods import METHODS
+    names = [n for n, m in METHODS.items() if m.adapter == cfg]
+    return ValueError(f"backend='vllm' serves stock LoRA only; this model's adapters are routed ({', '.join(names) or cfg}: "
+                      "a per-token router, which export_peft cannot write as PEFT LoRA). Routed methods stay on backend='hf'.")
+
+def check_vllm(model,                      # the in-memory model `evaluate` was given
+               base: str | None = None,    # what vLLM loads (None: the model's `config._name_or_path`)
+               prefix_cache: bool = False) -> str:  # evaluate's HF-path option
+    "Raise before any work when `backend='vllm'` cannot evaluate `model`; returns the base vLLM loads."
+    from alignlora.adapters import adapter_layers
+    if not vllm_installed():
+        raise ModuleNotFoundError(f"backend='vllm' needs vLLM, which is not installed: `{VLLM_PIP}` (a CUDA machine), "
+                                  "or evaluate with backend='hf'.")
+    layers = adapter_layers(model)
+    routed = [l for l in layers if not l.cfg.mergeable]
+    if routed: raise _routed_error(routed[0].cfg)
+    if any(l.merged for l in layers):
+        raise ValueError("backend='vllm' serves the adapter next to the base weights: unmerge_adapters(model) first.")
+    if prefix_cache: raise ValueError("prefix_cache=True is an hf-backend option; vLLM shares prefixes itself: drop it.")
+    base = base or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not base:
+        raise ValueError("backend='vllm' loads the base model itself, and this model has no config._name_or_path (it was "
+                         "built in memory, like `tiny`): pass base=<hub id or folder with the same base weights>.")
+    if str(base).startswith((".", "/", "~")) and not Path(base).expanduser().exists():
+        raise FileNotFoundError(f"base={base!r}: no such folder for vLLM to load; pass the base model's hub id or folder.")
+    return str(base)
+
+# %% ../nbs/05_eval.ipynb #55570b9c
+def pick_backend(backend: str,       # 'hf' | 'vllm' | 'auto' (vllm where it is installed, else hf)
+                 method=None) -> str:  # the run's method (name or `Method`); None or 'base': no adapters
+    "The backend a run's evaluation uses: 'auto' resolved here, and routed methods on 'hf' whatever was asked."
+    if backend not in (*BACKENDS, "auto"):
+        from alignlora.errors import unknown_name
+        raise unknown_name("backend", backend, (*BACKENDS, "auto"), "evaluation backend")
+    if backend == "auto": backend = "vllm" if vllm_installed() else "hf"
+    if backend == "vllm" and method is not None and method != "base":
+        from alignlora.methods import get_method
+        if not get_method(method).mergeable: return "hf"   # a router: no stock LoRA form for vLLM
+    return backend
+
+# %% ../nbs/05_eval.ipynb #7c790aa5
+PROBE = "Question: which is heavier, a kilogram of iron or a kilogram of feathers? Answer: they weigh the same."
+
+def lora_applied(hf: float,            # log p(probe) under the in-memory model (adapters on)
+                 with_lora: float,     # ... under vLLM with the LoRA request
+                 without: float,       # ... under vLLM without it
+                 n_tokens: int,        # tokens scored
+                 tol: float = 0.02) -> bool:  # nats per token below which two numbers count as equal (kernel noise)
+    "Whether vLLM's output moved to our model's when the LoRA request was added."
+    near, base_far = abs(with_lora - hf), abs(without - hf)
+    return near <= tol * n_tokens or near < base_far / 2
+
+def _probe_loglik(model, ids: list[int]) -> float:
+    "log p(ids[1:] | ids[0]) under the in-memory model, fp32 log-softmax."
+    import torch
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids], device=model.device)).logits[0].float(), -1)
+    return float(sum(lp[i - 1, ids[i]] for i in range(1, len(ids))))
+
+def check_lora_applied(lm,            # lm-eval's VLLM, built with a LoRA
+                       model, tokenizer,  # the in-memory model and its tokenizer
+                       adapter_dir):  # the folder the LoRA request must name
+    "Raise unless lm-eval holds a LoRA request for `adapter_dir` and it changes vLLM's log-likelihoods like our adapter does."
+    req = getattr(lm, "lora_request", None)
+    path = getattr(req, "lora_path", None) or getattr(req, "lora_local_path", None)
+    if req is None or str(path) != str(adapter_dir):
+        raise RuntimeError(f"lm-eval's vLLM model holds LoRA request {req!r}, not one for {adapter_dir}: it would evaluate "
+                           "the base model (lm-eval #2432). Check the lm-eval and vLLM versions.")
+    ids = tokenizer(PROBE)["input_ids"]
+    ask = [(None, ids[:1], ids[1:])]
+    with_lora = lm._loglikelihood_tokens(ask, disable_tqdm=True)[0][0]
+    lm.lora_request = None
+    try: without = lm._loglikelihood_tokens(ask, disable_tqdm=True)[0][0]
+    finally: lm.lora_request = req
+    was = model.training; model.eval()
+    try: hf = _probe_loglik(model, ids)
+    finally: model.train(was)
+    if not lora_applied(hf, with_lora, without, len(ids) - 1):
+        raise RuntimeError(f"vLLM with the LoRA request gives log p(probe) = {with_lora:.3f}, without it {without:.3f}, and the "
+                           f"in-memory model {hf:.3f}: the LoRA is not applied (lm-eval #2432); evaluate with backend='hf'.")
+
+# %% ../nbs/05_eval.ipynb #acf7fb18
+def _dtype_name(dtype) -> str:
+    return {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}.get(str(dtype), "auto")
+
+def _gpu_share() -> float | None:
+    "90% of the GPU memory free now (the in-memory model stays on the device): vLLM's `gpu_memory_utilization`."
+    import torch
+    if not torch.cuda.is_available(): return None
+    free, total = torch.cuda.mem_get_info()
+    return round(0.9 * free / total, 3)
+
+def _run_vllm(model, tokenizer, tmp: Path, lm_names: dict, base: str, seed, progress) -> dict:
+    "lm-eval's raw results on the tasks in `tmp` through its vLLM backend: `base` plus the model's adapters as a PEFT LoRA."
+    import gc, torch
+    from alignlora.adapters import adapter_layers, export_peft
+    from lm_eval.models.vllm_causallms import VLLM
+    adapter = rank = None
+    if adapter_layers(model):
+        adapter = export_peft(model, tmp / "peft_adapter", base)
+        rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+    args = vllm_model_args(base, adapter, rank, _dtype_name(model.dtype), seed, gpu_memory_utilization=_gpu_share())
+    quiet, lm = _Quiet(), None
+    try:
+        quiet.__enter__()
+        lm = VLLM(**args)
+        if adapter is not None: check_lora_applied(lm, model, tokenizer, adapter)
+        if not progress: _no_progress(lm)
+        return _simple_evaluate(lm, tmp, lm_names, seed)
+    finally:
+        quiet.__exit__()
+        if lm is not None: lm.__dict__.clear()   # the engine (and its GPU memory) goes with the last reference
+        lm = None; gc.collect()
+        if torch.cuda.is_available(): torch.cuda.empty_cache()
+
 # %% ../nbs/05_eval.ipynb #768b3611
 def evaluate(model,                        # an in-memory transformers causal LM (adapters injected or merged)
              tokenizer,                    # its tokenizer
              tasks,                        # task name(s): 'piqa', 'bbh/navigate', 'bbh' (all 27), 'paper'
              protocol: str = "generate",   # 'generate' | 'loglik' | 'stock'
              limit: int | None = None,     # rows per task (seeded subsample; None = the whole eval split)
-             batch_size: int = 8,          # lm-eval batch size
+             batch_size: int = 8,          # lm-eval batch size (hf backend; vLLM schedules its requests itself)
              data_dir=None,                # local data folder (default `$ALIGNLORA_DATA`, else the hub)
              output_dir=None,              # if given: results.json, samples.jsonl, results.csv written here
              max_new_tokens: int | None = None,  # generation cap for every task (None: 128; BBH 256)
@@ -473,13 +642,20 @@ def evaluate(model,                        # an in-memory transformers causal LM
              progress: bool = True,        # show lm-eval's progress bars over requests
              merge: bool = True,           # fold static adapters into the base weights for the call (`merged_adapters`)
              shared_prompt: bool = True,   # loglik: one packed forward per row (`shared_prompt_lm`)
-             prefix_cache: bool = False) -> dict:  # generate: a prefix shared by ≥ 64 tokens is computed once (`prefix_greedy`)
+             prefix_cache: bool = False,   # generate: a prefix shared by ≥ 64 tokens is computed once (`prefix_greedy`)
+             backend: str = "hf",          # 'hf': lm-eval's HFLM on the in-memory model; 'vllm': base + PEFT LoRA in vLLM
+             base: str | None = None) -> dict:  # vllm: the base model it loads (None: `model.config._name_or_path`)
     "Evaluate `model` on `tasks` with lm-eval; `{task: {acc, acc_stderr, n, parse_rate, per_example}}` (+ `bbh`)."
+    if backend not in BACKENDS:
+        from alignlora.errors import unknown_name
+        raise unknown_name("backend", backend, BACKENDS, "evaluation backend")
+    if backend == "vllm": base = check_vllm(model, base, prefix_cache)
     rows = _eval_rows(protocol, limit, batch_size, max_new_tokens, tasks, seed, data_dir)
     with tempfile.TemporaryDirectory(prefix="alignlora-eval-") as tmp:
         lm_names = _write_task_folder(Path(tmp), rows, protocol, data_dir, max_new_tokens)
-        raw = _run_lm_eval(model, tokenizer, Path(tmp), lm_names, batch_size, seed, progress, merge, shared_prompt,
-                           prefix_cache)
+        if backend == "vllm": raw = _run_vllm(model, tokenizer, Path(tmp), lm_names, base, seed, progress)
+        else: raw = _run_lm_eval(model, tokenizer, Path(tmp), lm_names, batch_size, seed, progress, merge, shared_prompt,
+                                 prefix_cache)
     res = _task_results(raw, lm_names, rows, protocol)
     if output_dir is not None: _write_outputs(output_dir, raw, res, lm_names)
     return res

@@ -18,12 +18,13 @@ import pandas as pd
 __all__ = ['PROFILES', 'AUTHORS_SCHEDULES', 'R_LORA_FAMILY', 'DTYPE_ALIASES', 'DTYPES', 'DEVICE_CLASSES', 'TRAIN_ARGS', 'CALLS',
            'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'CLAIM_COLUMNS', 'Profile', 'profile_train_args',
            'profile_dtype', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec', 'device_class',
-           'RunSpec', 'EvalSpec', 'make_spec', 'make_eval', 'grid', 'seed_interval', 'boot_summary', 'paired_bootstrap',
-           'mde', 'rows_for_mde', 'fmt_pm', 'verdict', 'bootstrap_rows', 'hardware', 'data_manifest_hash', 'provenance',
-           'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere',
-           'Claim', 'load_run', 'eval_status', 'trackers', 'run', 'run_grid', 'collect', 'per_example', 'printed_match',
-           'claim_row', 'write_claims', 'holm', 'adjust_claims', 'adjust_claim_files', 'project_root',
-           'paper_notebooks', 'reproduce', 'reproduce_cli', 'claims_summary', 'write_index', 'memory_table']
+           'RunSpec', 'EvalSpec', 'make_spec', 'eval_backend_for', 'make_eval', 'grid', 'seed_interval', 'boot_summary',
+           'paired_bootstrap', 'mde', 'rows_for_mde', 'fmt_pm', 'verdict', 'bootstrap_rows', 'hardware',
+           'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status',
+           'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'trackers', 'run', 'run_grid',
+           'collect', 'per_example', 'printed_match', 'claim_row', 'write_claims', 'holm', 'adjust_claims',
+           'adjust_claim_files', 'project_root', 'paper_notebooks', 'reproduce', 'reproduce_cli', 'claims_summary',
+           'write_index', 'memory_table']
 
 # %% ../nbs/06_experiments.ipynb #40fe7225
 from .files import atomic_write, atomic_json
@@ -53,6 +54,8 @@ class Profile:
     device: str = "cpu"
     gradient_checkpointing: bool = False  # paper: on (the authors' script); recomputes each layer in backward
     authors_schedules: bool = False       # paper: each method family's schedule from the authors' scripts
+    eval_backend: str = "hf"              # 'hf' | 'vllm' | 'auto' (vllm where installed, else hf); routed methods: hf
+    report_to: tuple = ()                 # experiment trackers for training (TrainingArguments.report_to, e.g. ("wandb",))
     note: str = ""
 
 # %% ../nbs/06_experiments.ipynb #18d997b5
@@ -68,11 +71,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             note="SmolLM2-135M offline on 2 CPU cores, whole paper in under 2 h; 8 samples per task per step; too small to separate most methods"),
     Profile("gpu", "smollm2-135m", n_train=None, k=4, max_steps=None, grad_accum=4, lr=2e-4, max_length=512,
             eval_limit=None, gsm8k_limit=None, bbh_limit=None, max_new_tokens=128, seeds=(0, 1, 2),
-            eval_batch_size=64, dtype="bfloat16", device="cuda",
+            eval_batch_size=64, dtype="bfloat16", device="cuda", eval_backend="auto",
             note="full training sets, 3 seeds, one GPU; alignment over 16 samples per task (k 4 x accumulation 4)"),
     Profile("paper", "qwen2.5-3b", n_train=None, k=1, max_steps=None, grad_accum=10, lr=2e-4, max_length=512,
             eval_limit=None, gsm8k_limit=None, bbh_limit=None, max_new_tokens=128, seeds=(42,),
-            eval_batch_size=32, dtype="bfloat16", device="cuda", gradient_checkpointing=True, authors_schedules=True,
+            eval_batch_size=32, dtype="bfloat16", device="cuda", eval_backend="auto", gradient_checkpointing=True, authors_schedules=True,
             note="the paper's hyper-parameters (lr 2e-4, 1 epoch, α 32, max length 512, bf16; 5 rows per device x accumulation 10 = 10 samples per task per step); models from the hub"),
 ]}
 
@@ -164,11 +167,13 @@ def check_run_spec(s) -> None:
 def check_eval_spec(e) -> None:
     "Raise a clear error for any field of an `EvalSpec` that evaluation would misread or fail on late."
     from alignlora.errors import check_int, unknown_name
-    from alignlora.eval import PROTOCOLS, expand_tasks
+    from alignlora.eval import BACKENDS, PROTOCOLS, expand_tasks
     if isinstance(e.tasks, str) or not e.tasks:
         raise ValueError(f"tasks must be a non-empty list of task names, got {e.tasks!r}; e.g. tasks=['piqa'].")
     expand_tasks(e.tasks)
     if e.protocol not in PROTOCOLS: raise unknown_name("protocol", e.protocol, PROTOCOLS, "evaluation protocol")
+    if e.backend not in BACKENDS: raise unknown_name("backend", e.backend, BACKENDS, "evaluation backend",
+                                                     fix="make_eval resolves 'auto' (eval_backend_for).")
     check_int("limit", e.limit, none_ok=True, note="None evaluates every row.")
     check_int("max_new_tokens", e.max_new_tokens, none_ok=True); check_int("batch_size", e.batch_size)
     for arg, pairs in (("limits", e.limits), ("caps", e.caps)):
@@ -220,6 +225,8 @@ class RunSpec:
         return f"{self.method}{'[' + extra + ']' if extra else ''}/s{self.seed}"
 
 # %% ../nbs/06_experiments.ipynb #25556361
+_EVAL_KEY_DEFAULTS = {"backend": "hf"}
+
 @dataclass(frozen=True)
 class EvalSpec:
     "One evaluation of a run: tasks, protocol and rows."
@@ -230,9 +237,11 @@ class EvalSpec:
     max_new_tokens: int | None = None       # generation cap (None: the protocol's default)
     caps: tuple = ()                        # per-task (task, cap) overrides
     batch_size: int = 16
+    backend: str = "hf"                     # 'hf' | 'vllm' (`alignlora.eval.evaluate`'s backend)
     def __post_init__(self): check_eval_spec(self)
     @property
-    def key(self) -> str: return _hash(asdict(self))
+    def key(self) -> str:   # as RunSpec.key: fields added later count only when they differ from their default
+        return _hash({k: v for k, v in asdict(self).items() if not (k in _EVAL_KEY_DEFAULTS and v == _EVAL_KEY_DEFAULTS[k])})
 
 # %% ../nbs/06_experiments.ipynb #26aeb354
 def make_spec(profile: str | Profile,       # profile giving model and training budget
@@ -249,8 +258,17 @@ def make_spec(profile: str | Profile,       # profile giving model and training 
                    max_length=p.max_length, target_modules=one(target_modules), dtype=profile_dtype(p),
                    device=device_class(p.device), train_args=profile_train_args(p, method))
 
-def make_eval(profile: str | Profile, tasks: Iterable[str], protocol: str = "generate", **kw) -> EvalSpec:
-    "An `EvalSpec` with `profile`'s row limits (GSM8K and BBH get their own)."
+def eval_backend_for(profile_or_backend,   # a Profile, a profile name, or 'hf' | 'vllm' | 'auto'
+                     method=None) -> str:  # the run's method (name or Method; 'base'/None: no adapters)
+    "'hf' or 'vllm': the profile's (or the given) backend with 'auto' resolved, routed methods on 'hf'."
+    from alignlora.eval import pick_backend
+    b = profile_or_backend
+    if isinstance(b, Profile) or b in PROFILES: b = get_profile(b).eval_backend
+    return pick_backend(b, method)
+
+def make_eval(profile: str | Profile, tasks: Iterable[str], protocol: str = "generate",
+              backend: str | None = None, **kw) -> EvalSpec:   # backend: None = the profile's `eval_backend`
+    "An `EvalSpec` with `profile`'s row limits (GSM8K and BBH get their own) and evaluation backend."
     p = checked_profile(profile); tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     limits = tuple((t, p.gsm8k_limit if t == "gsm8k" else p.bbh_limit) for t in tasks
                    if (t == "gsm8k" and p.gsm8k_limit) or (t.startswith("bbh") and p.bbh_limit))
@@ -259,7 +277,8 @@ def make_eval(profile: str | Profile, tasks: Iterable[str], protocol: str = "gen
         kw["caps"] = tuple((t, p.max_new_tokens if t == "gsm8k" else p.bbh_max_new_tokens) for t in tasks
                            if t == "gsm8k" or t.startswith("bbh"))
     limit = p.loglik_limit if protocol == "loglik" and p.loglik_limit else p.eval_limit
-    return EvalSpec(tasks=tasks, protocol=protocol, limit=limit, limits=limits, batch_size=p.eval_batch_size, **kw)
+    return EvalSpec(tasks=tasks, protocol=protocol, limit=limit, limits=limits, batch_size=p.eval_batch_size,
+                    backend=eval_backend_for(backend or p, None), **kw)
 
 def grid(base: dict,                        # fixed make_spec arguments (profile, tasks, ...)
          **axes) -> list[RunSpec]:          # each a list of values, e.g. method=[...], seed=[0, 1]

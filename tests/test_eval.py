@@ -192,3 +192,165 @@ def test_no_newline_stop_for_label_tasks():
             assert D.score(name, gold, ex)
             assert not D.score(name, gold + "\nAnswer: " + wrong, ex)
             assert D.score(name, "\n" + gold, ex)
+
+
+# --- backend='vllm': the plumbing, with lm-eval's VLLM class replaced by a stand-in (vLLM needs a CUDA machine) ---
+import importlib.util, sys, types
+from dataclasses import asdict
+from alignlora.eval import BACKENDS, VLLM_LORA_RANKS, pick_backend
+
+
+@pytest.fixture
+def vllm_present(monkeypatch):
+    "`find_spec('vllm')` answers as if vLLM were installed."
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, **k: object() if n == "vllm" else real(n, *a, **k))
+
+
+@pytest.fixture
+def vllm_absent(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, **k: None if n == "vllm" else real(n, *a, **k))
+
+
+def _fake_vllm_module(captured: dict, apply_lora: bool = True):
+    """A `lm_eval.models.vllm_causallms` whose `VLLM` records its arguments and serves `pretrained` from disk with the
+    LoRA at `lora_local_path` read by stock PEFT (HFLM underneath); `apply_lora=False` keeps the request but serves the
+    base model, as in lm-eval #2432."""
+    from lm_eval.models.huggingface import HFLM
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    class FakeVLLM(HFLM):
+        def __init__(self, pretrained, lora_local_path=None, **kw):
+            captured.update(kw, pretrained=pretrained, lora_local_path=lora_local_path)
+            m = AutoModelForCausalLM.from_pretrained(pretrained)
+            if lora_local_path is not None:
+                captured["peft_r"] = PeftConfig.from_pretrained(lora_local_path).r
+                m = PeftModel.from_pretrained(m, lora_local_path)
+            super().__init__(pretrained=m.eval(), tokenizer=AutoTokenizer.from_pretrained(pretrained), batch_size=4)
+            self.lora_request = types.SimpleNamespace(lora_path=lora_local_path) if lora_local_path else None
+
+        def _serve(self, fn, *a, **k):
+            if not hasattr(self.model, "disable_adapter") or (self.lora_request is not None and apply_lora): return fn(*a, **k)
+            with self.model.disable_adapter(): return fn(*a, **k)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            captured.setdefault("probes", []).append(self.lora_request is not None)
+            return self._serve(super()._loglikelihood_tokens, requests, disable_tqdm, override_bs)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return self._serve(super().generate_until, requests, disable_tqdm)
+
+    mod = types.ModuleType("lm_eval.models.vllm_causallms"); mod.VLLM = FakeVLLM
+    return mod
+
+
+@pytest.fixture(scope="module")
+def saved_lora(tmp_path_factory):
+    "The tiny model with weights redrawn, saved as a transformers folder (vLLM's `base`), then with a non-zero `lora`."
+    from alignlora.adapters import add_adapters, adapter_layers
+    from alignlora.methods import get_method
+    m, tok = load_model("tiny")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2: p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    base = tmp_path_factory.mktemp("base")
+    m.save_pretrained(base); tok.save_pretrained(base)
+    torch.manual_seed(0); add_adapters(m, get_method("lora-r9"))
+    with torch.no_grad():
+        for l in adapter_layers(m): l.lora_B.normal_(0, 0.3)
+    return m.eval(), tok, str(base)
+
+
+def test_vllm_path_passes_the_lora_and_parses_like_hf(saved_lora, vllm_present, monkeypatch, tmp_path):
+    "The args lm-eval's VLLM gets, and its results through the shared parsing: row for row the hf backend's."
+    m, tok, base = saved_lora
+    got = {}
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", _fake_vllm_module(got))
+    kw = dict(limit=4, max_new_tokens=12, data_dir=DATA, progress=False)
+    tasks = ["piqa", "gsm8k"]
+    v = evaluate(m, tok, tasks, backend="vllm", base=base, output_dir=tmp_path / "vllm", **kw)
+    h = evaluate(m, tok, tasks, backend="hf", output_dir=tmp_path / "hf", **kw, **OLD_PATH)
+    assert got["pretrained"] == base
+    assert got["enable_lora"] is True
+    assert got["peft_r"] == 9                              # stock PEFT reads the exported adapter at its rank
+    assert got["max_lora_rank"] in VLLM_LORA_RANKS
+    assert got["max_lora_rank"] >= got["peft_r"]
+    assert got["max_lora_rank"] == 16                      # the smallest accepted value that holds r = 9
+    assert got["dtype"] == "float32"
+    assert got["probes"][:2] == [True, False]              # the guard compared with and without the LoRA request
+    assert all(v[t]["per_example"] == h[t]["per_example"] for t in tasks)
+    assert _samples(tmp_path / "vllm") == _samples(tmp_path / "hf")
+
+
+def test_vllm_adapter_changes_the_generations(saved_lora, vllm_present, monkeypatch, tmp_path):
+    "What the previous test compares is not the base model's output (the adapter moves the generated text)."
+    m, tok, base = saved_lora
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", _fake_vllm_module({}))
+    from transformers import AutoModelForCausalLM
+    bare = AutoModelForCausalLM.from_pretrained(base).eval()
+    kw = dict(limit=4, max_new_tokens=12, data_dir=DATA, progress=False)
+    evaluate(m, tok, ["gsm8k"], backend="vllm", base=base, output_dir=tmp_path / "lora", **kw)
+    evaluate(bare, tok, ["gsm8k"], backend="vllm", base=base, output_dir=tmp_path / "bare", **kw)
+    assert _samples(tmp_path / "lora") != _samples(tmp_path / "bare")
+
+
+def test_vllm_guard_catches_a_dropped_lora(saved_lora, vllm_present, monkeypatch):
+    "lm-eval #2432: a LoRA request that vLLM does not apply raises instead of scoring the base model."
+    m, tok, base = saved_lora
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", _fake_vllm_module({}, apply_lora=False))
+    with pytest.raises(RuntimeError, match="2432"):
+        evaluate(m, tok, ["piqa"], limit=2, max_new_tokens=4, backend="vllm", base=base, data_dir=DATA, progress=False)
+
+
+def test_vllm_errors_before_any_work(saved_lora, vllm_absent):
+    "Raised before the rows are read: a data folder that does not exist is never reached."
+    m, tok, base = saved_lora
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'lm-eval\[vllm\]'"):
+        evaluate(m, tok, ["piqa"], backend="vllm", base=base, data_dir="/nonexistent")
+    with pytest.raises(KeyError, match="backend"):
+        evaluate(m, tok, ["piqa"], backend="vlm", data_dir="/nonexistent")
+
+
+def test_vllm_refuses_routed_and_baseless_models(vllm_present):
+    from alignlora.adapters import add_adapters
+    from alignlora.methods import get_method
+    for method in ("hydralora", "loramoe", "r-lora"):
+        m, tok = load_model("tiny"); add_adapters(m, get_method(method))
+        with pytest.raises(ValueError, match=rf"{method}\b.*backend='hf'"):
+            evaluate(m, tok, ["piqa"], backend="vllm", base="some/base", data_dir="/nonexistent")
+    m, tok = load_model("tiny")   # built in memory: no _name_or_path for vLLM to load
+    with pytest.raises(ValueError, match="base="): evaluate(m, tok, ["piqa"], backend="vllm", data_dir="/nonexistent")
+    with pytest.raises(ValueError, match="prefix_cache"):
+        evaluate(m, tok, ["piqa"], backend="vllm", base="some/base", prefix_cache=True, data_dir="/nonexistent")
+
+
+# --- the backend in profiles and evaluation specs ---
+def test_profile_backend_with_and_without_vllm(monkeypatch):
+    from alignlora import experiments as X
+    real = importlib.util.find_spec
+    for present, want in ((True, "vllm"), (False, "hf")):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, _p=present, **k: (object() if _p else None) if n == "vllm" else real(n, *a, **k))
+        assert {n: X.make_eval(n, ["piqa"]).backend for n in X.PROFILES} == {"smoke": "hf", "cpu": "hf", "gpu": want, "paper": want}
+        assert X.eval_backend_for("gpu", "lora") == want
+        assert X.eval_backend_for("paper", "hydralora") == "hf"        # routed: hf whatever the profile says
+        assert X.eval_backend_for(X.PROFILES["gpu"], "base") == want
+    assert all(p.report_to == () for p in X.PROFILES.values())
+
+
+def test_eval_spec_backend_checked_and_key_stable(vllm_present):
+    import hashlib, json
+    from alignlora import experiments as X
+    e = X.make_eval("cpu", ["piqa", "gsm8k"], "generate")
+    old = {k: v for k, v in asdict(e).items() if k != "backend"}   # the fields EvalSpec had before `backend`
+    old_key = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":"), default=list).encode()).hexdigest()[:12]
+    assert e.backend == "hf"
+    assert e.key == old_key
+    v = X.make_eval("cpu", ["piqa", "gsm8k"], "generate", backend="vllm")
+    assert v.backend == "vllm"
+    assert v.key != e.key
+    with pytest.raises(KeyError, match="backend"): X.EvalSpec(tasks=("piqa",), backend="auto")
+    assert BACKENDS == ("hf", "vllm")
+    assert pick_backend("auto") == "vllm"
