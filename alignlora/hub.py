@@ -12,8 +12,8 @@ import yaml
 from .files import atomic_dir
 
 # %% auto #0
-__all__ = ['ALIGN_LORA_PAPER', 'PAPERS', 'VLLM_LORA_RANKS', 'EXPORT_FILES', 'method_paper', 'vllm_max_lora_rank',
-           'lm_eval_task_name', 'base_model_id', 'model_card', 'cached_evals', 'export_run', 'push_to_hub']
+__all__ = ['ALIGN_LORA_PAPER', 'PAPERS', 'EXPORT_FILES', 'method_paper', 'lm_eval_task_name', 'base_model_id', 'model_card',
+           'cached_evals', 'export_run', 'push_to_hub']
 
 # %% ../nbs/06a_hub.ipynb #b00b7468
 ALIGN_LORA_PAPER = ("Align, Don't Divide: Revisiting the LoRA Architecture in Multi-Task Learning", "2508.05078")
@@ -33,14 +33,7 @@ def method_paper(method: str) -> tuple[str, str]:
     raise KeyError(f"method {method!r}: no paper known; known families: {sorted(PAPERS)}")
 
 # %% ../nbs/06a_hub.ipynb #2f57454c
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-def vllm_max_lora_rank(r: int) -> int:   # the adapter's rank
-    "The smallest `--max-lora-rank` vLLM accepts that serves rank `r`."
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1: raise ValueError(f"r must be a positive int, got {r!r}")
-    for v in VLLM_LORA_RANKS:
-        if v >= r: return v
-    raise ValueError(f"rank {r} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]}): it cannot serve this adapter.")
+from .eval import vllm_lora_rank   # one rounding rule for vLLM's --max-lora-rank: the evaluation backend's
 
 # %% ../nbs/06a_hub.ipynb #d3f586d7
 def lm_eval_task_name(task: str) -> str | None:   # our task name
@@ -100,7 +93,7 @@ def _table(head: tuple, rows: list[tuple]) -> str:
 def _usage(spec, base_model: str, adapter: str, peft_rank: int, name: str) -> str:
     from alignlora.models import MODELS
     tasks = [t for t in dict.fromkeys(lm_eval_task_name(t) for t in spec.tasks) if t]
-    try: serve = f"vllm serve {base_model} --enable-lora --lora-modules {name}={adapter} --max-lora-rank {vllm_max_lora_rank(peft_rank)}"
+    try: serve = f"vllm serve {base_model} --enable-lora --lora-modules {name}={adapter} --max-lora-rank {vllm_lora_rank(peft_rank)}"
     except ValueError as e: serve = f"# {e}"
     gguf = MODELS[spec.model].source == "gguf" if spec.model in MODELS else False
     return "\n".join([
