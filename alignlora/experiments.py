@@ -655,7 +655,7 @@ def _write_spec(d: Path, spec: RunSpec):
     want = json.loads(json.dumps(dict(asdict(spec), key=spec.key, label=spec.label), default=str))
     if _read_record(d / "spec.json") != want: atomic_json(d / "spec.json", want)
 
-def _evaluate(model, tok, e: EvalSpec, data_dir) -> dict:
+def _evaluate(model, tok, e: EvalSpec, data_dir, backend: str = "hf") -> dict:
     from alignlora.eval import evaluate
     CALLS["evaluate"] += 1
     t0, limits, caps, res = time.time(), dict(e.limits), dict(e.caps), {}
@@ -663,8 +663,8 @@ def _evaluate(model, tok, e: EvalSpec, data_dir) -> dict:
     for t in e.tasks: groups.setdefault((limits.get(t, e.limit), caps.get(t, e.max_new_tokens)), []).append(t)
     for (lim, cap), ts in groups.items():
         res.update(evaluate(model, tok, ts, protocol=e.protocol, limit=lim, batch_size=e.batch_size,
-                            data_dir=data_dir, max_new_tokens=cap, progress=False))
-    return dict(eval=asdict(e), key=e.key, results=res, wall_s=time.time() - t0)
+                            data_dir=data_dir, max_new_tokens=cap, progress=False, backend=backend))
+    return dict(eval=asdict(e), key=e.key, results=res, wall_s=time.time() - t0, backend=backend)
 
 # %% ../nbs/06_experiments.ipynb #fad04e43
 def _rank_world() -> tuple[int, int]:
@@ -703,9 +703,12 @@ def run(spec: RunSpec,                       # what to train
         report_to=None) -> dict:             # experiment trackers for training (None: $ALIGNLORA_REPORT_TO, else none)
     "Train (unless cached) and evaluate (unless cached); returns {'spec', 'dir', 'evals': {ekey: result}}."
     from alignlora.errors import disk_full_guard
-    from alignlora.eval import expand_tasks
+    from alignlora.eval import expand_tasks, pick_backend, vllm_installed, VLLM_PIP
     evals = list(evals)
     report_to = trackers(report_to)
+    backends = {e.key: pick_backend(e.backend, spec.method) for e in evals}   # routed methods stay on hf
+    if "vllm" in backends.values() and not vllm_installed():   # before training, not after it
+        raise ImportError(f"run {spec.label}: an evaluation asks for backend='vllm', which is not installed: {VLLM_PIP}")
     for e in evals:
         if not isinstance(e, EvalSpec): raise TypeError(f"evals must be EvalSpec objects (make_eval(...)), got {e!r}")
     d, device = runs_dir(runs_dir_) / spec.key, device or spec.device
@@ -740,7 +743,7 @@ def run(spec: RunSpec,                       # what to train
                         rec = _served_eval(f, edata, fix=True)
                         if rec is None:
                             if model is None: model, tok = load_run(spec, runs_dir_, device)
-                            rec = _evaluate(model, tok, e, data_dir)
+                            rec = _evaluate(model, tok, e, data_dir, backends[e.key])
                             timing["evals"].append(dict(protocol=e.protocol, wall_s=round(rec["wall_s"], 1), rows=sum(
                                 r.get("n") or 0 for r in rec["results"].values() if isinstance(r, dict))))
                             d.mkdir(parents=True, exist_ok=True); _write_spec(d, spec)

@@ -190,7 +190,8 @@ class PaperContext:
     def grid(self, methods, tasks, evals, **kw):
         "Run methods × seeds on `tasks` (cached) and return the tidy frame."
         specs = [self.spec(m, tasks, seed=s, **kw) for m in methods for s in self.seeds]
-        return run_grid(specs, evals, self.runs_dir, self.data_dir, device=self.profile.device)
+        return run_grid(specs, evals, self.runs_dir, self.data_dir, device=self.profile.device,
+                        report_to=self.profile.report_to or None)   # None: $ALIGNLORA_REPORT_TO
     # the writers return file names inside the results folder: what an executed notebook shows on any machine
     def table(self, df, name, title="", notes="", **prov):
         "Write `name.csv/.md` into the results folder with provenance."
