@@ -40,6 +40,35 @@ def test_smoke_reproduce_writes_every_artefact(smoke):
         assert len(df) > 0, n
 
 
+def _stderr_lines(nb: dict) -> int:
+    return sum(len("".join(o.get("text", "")).splitlines()) for c in nb["cells"] for o in c.get("outputs", [])
+               if o.get("name") == "stderr")
+
+
+def test_smoke_notebooks_read_as_documents(smoke):
+    "Executed notebooks hold what a reader needs: at most 20 stderr lines, and no path of the machine that ran them."
+    import json, re, sys, tempfile
+    res, runs = smoke
+    here = {str(p) for p in (res.parents[1], runs, Path(__file__).parents[1], Path.home(), Path(sys.prefix),
+                             Path(tempfile.gettempdir()), Path(os.environ.get("ALIGNLORA_DATA") or res).resolve())}
+    for f in sorted((res / "notebooks").glob("*.ipynb")):
+        text = f.read_text()
+        assert _stderr_lines(json.loads(text)) <= 20, f"{f.name}: {_stderr_lines(json.loads(text))} stderr lines"
+        assert not [p for p in here if p in text], f"{f.name} holds {[p for p in here if p in text]}"
+        assert not re.search(r'(?<![\w.])/(tmp|home|work|root|usr|opt|Users|private|var)/', text), f"{f.name}: an absolute path"
+    assert (res / "logs" / "02_table1.log").stat().st_size > 0, "the libraries' output went to the notebook's log"
+
+
+def test_smoke_progress_file_has_one_line_per_run(smoke):
+    "Every run a notebook computed is reported once, with its measured training rate."
+    import json
+    res, runs = smoke
+    events = [json.loads(l) for l in (res / "logs" / "progress.jsonl").read_text().splitlines()]
+    trained = [e for e in events if e.get("train")]
+    assert len(trained) == len(list(runs.glob("*/TRAINED"))), "one line per trained run"
+    assert all(e["train"]["tokens_per_s"] > 0 for e in trained)
+
+
 def _body(path):
     return "\n".join(l for l in Path(path).read_text().splitlines() if not l.startswith("#"))
 
@@ -102,35 +131,6 @@ def test_reproduce_resolves_relative_data_folder(tmp_path, monkeypatch):
     assert 'data_dir = \\"$ALIGNLORA_DATA\\"' in out, "the notebook names the data folder by its variable"
     _, prov = read_table(res / "param_budgets.csv")
     assert prov["data_manifest"] == data_manifest_hash(Path(data).resolve()), "the kernel read another data folder"
-
-
-def _stderr_lines(nb: dict) -> int:
-    return sum(len("".join(o.get("text", "")).splitlines()) for c in nb["cells"] for o in c.get("outputs", [])
-               if o.get("name") == "stderr")
-
-
-def test_smoke_notebooks_read_as_documents(smoke):
-    "Executed notebooks hold what a reader needs: at most 20 stderr lines, and no path of the machine that ran them."
-    import json, re, sys, tempfile
-    res, runs = smoke
-    here = {str(p) for p in (res.parents[1], runs, Path(__file__).parents[1], Path.home(), Path(sys.prefix),
-                             Path(tempfile.gettempdir()), Path(os.environ.get("ALIGNLORA_DATA") or res).resolve())}
-    for f in sorted((res / "notebooks").glob("*.ipynb")):
-        text = f.read_text()
-        assert _stderr_lines(json.loads(text)) <= 20, f"{f.name}: {_stderr_lines(json.loads(text))} stderr lines"
-        assert not [p for p in here if p in text], f"{f.name} holds {[p for p in here if p in text]}"
-        assert not re.search(r'(?<![\w.])/(tmp|home|work|root|usr|opt|Users|private|var)/', text), f"{f.name}: an absolute path"
-    assert (res / "logs" / "02_table1.log").stat().st_size > 0, "the libraries' output went to the notebook's log"
-
-
-def test_smoke_progress_file_has_one_line_per_run(smoke):
-    "Every run a notebook computed is reported once, with its measured training rate."
-    import json
-    res, runs = smoke
-    events = [json.loads(l) for l in (res / "logs" / "progress.jsonl").read_text().splitlines()]
-    trained = [e for e in events if e.get("train")]
-    assert len(trained) == len(list(runs.glob("*/TRAINED"))), "one line per trained run"
-    assert all(e["train"]["tokens_per_s"] > 0 for e in trained)
 
 
 def test_reproduce_prints_progress_lines(smoke, capfd):
