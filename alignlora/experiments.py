@@ -705,12 +705,12 @@ def run(spec: RunSpec,                       # what to train
     from alignlora.errors import disk_full_guard
     from alignlora.eval import expand_tasks, pick_backend, vllm_installed, VLLM_PIP
     evals = list(evals)
+    for e in evals:
+        if not isinstance(e, EvalSpec): raise TypeError(f"evals must be EvalSpec objects (make_eval(...)), got {e!r}")
     report_to = trackers(report_to)
     backends = {e.key: pick_backend(e.backend, spec.method) for e in evals}   # routed methods stay on hf
     if "vllm" in backends.values() and not vllm_installed():   # before training, not after it
         raise ImportError(f"run {spec.label}: an evaluation asks for backend='vllm', which is not installed: {VLLM_PIP}")
-    for e in evals:
-        if not isinstance(e, EvalSpec): raise TypeError(f"evals must be EvalSpec objects (make_eval(...)), got {e!r}")
     d, device = runs_dir(runs_dir_) / spec.key, device or spec.device
     rank, world = _rank_world()     # under torchrun: all ranks train together; rank 0 alone claims, writes, evaluates
     model = tok = None
@@ -1035,7 +1035,7 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
     events = results_dir / "logs" / "progress.jsonl"; events.write_text("")
     notebooks = paper_notebooks(only)
     bar = tqdm(notebooks, desc=f"reproduce {p.name}", unit="notebook", disable=not progress, file=sys.stderr)
-    say = bar.write if progress else log
+    say = (lambda line: bar.write(line, file=sys.stderr)) if progress else log
     current = {"nb": ""}
     follower = Follower(events, lambda ev: say(f"  [{current['nb']}] {run_line(ev)}") if ev.get("event") == "run" else None)
     times, wt = [], results_dir / "walltimes.csv"

@@ -249,7 +249,7 @@ def test_evaluate_leaves_no_cycle_and_run_frees_its_model(tmp_path, monkeypatch)
     finally: gc.enable()
     refs, orig = [], X._train_run
     def spy(*a, **kw):
-        model, tok = orig(*a, **kw); refs.append(weakref.ref(model)); return model, tok
+        model, tok, timing = orig(*a, **kw); refs.append(weakref.ref(model)); return model, tok, timing
     monkeypatch.setattr(X, "_train_run", spy)
     spec = X.make_spec("smoke", "lora", ["qnli", "piqa"])
     out = X.run(spec, [X.make_eval("smoke", ["piqa"], "loglik")], tmp_path / "runs")
