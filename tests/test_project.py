@@ -17,7 +17,8 @@ def _name(req):
 
 def test_environment_yml_mirrors_settings():
     s = _settings()
-    declared = {r: _name(r) for r in (s["requirements"] + " " + s["dev_requirements"]).split()}
+    keys = ("requirements", "dev_requirements", "ray_requirements", "slurm_requirements")
+    declared = {r: _name(r) for r in " ".join(s[k] for k in keys).split()}
     import yaml
     deps = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
     pip = next(d["pip"] for d in deps if isinstance(d, dict))
