@@ -14,15 +14,8 @@ EXPECTED = {
     "table4": ("csv", "md"), "table4_subtasks": ("csv", "md"), "table5": ("csv", "md"),
     "fig2_head_similarity": ("csv", "md", "png"), "fig3_lambda": ("csv", "md", "png"), "fig5_tsne": ("csv", "md", "png"),
     "costs": ("csv", "md"), "ablations": ("csv", "md"), "walltimes": ("csv", "md"),
+    "scale_tables": ("csv", "md"), "scale_plan": ("csv", "md"), "scale_memory": ("csv", "md"), "scale_check": ("csv", "md"),
 }
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repro")
-    res, runs = root / "results" / "smoke", root / "runs"
-    reproduce("smoke", results_dir=res, runs_dir_=runs, log=lambda *a: None)
-    return res, runs
 
 
 def test_smoke_reproduce_writes_every_artefact(smoke):
