@@ -57,14 +57,14 @@ reproduce: venv
 
 # Fill the run cache with every run of the paper notebooks' grids on EXECUTOR=local|ray|slurm (then `make reproduce`
 # renders the tables and trains nothing). RAY_ADDRESS joins a Ray cluster; ALIGNLORA_SLURM_PARTITION, _TIME_MIN, _ACCOUNT,
-# _ARRAY_PARALLELISM, _MEM_GB set the SLURM array. RANKS=N: data-parallel runs on N GPUs each. DRY_RUN=1: print what
+# _ARRAY_PARALLELISM, _MEM_GB set the SLURM array. RANKS=N: data-parallel runs on N GPUs each; CPUS: cores (threads) per rank; WORKERS: runs at once on a machine-local engine. DRY_RUN=1: print what
 # would be submitted, its tokens, device-hours and memory (OUT=folder also writes them; TOKENS_PER_S or PEAK_TFLOPS and
 # MFU give the rate when the cache has no trained run of the model).
 grid: venv
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} \
 	  $(BIN)/python -c 'import sys; from alignlora.grid import grid_cli; grid_cli(sys.argv[1:])' \
 	  --profile $(PROFILE) --executor $(EXECUTOR) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(ONLY),--only $(ONLY),) \
-	  $(if $(RANKS),--ranks $(RANKS),) $(if $(WORKERS),--workers $(WORKERS),) $(if $(RUNS_DIR),--runs-dir $(RUNS_DIR),) \
+	  $(if $(RANKS),--ranks $(RANKS),) $(if $(CPUS),--cpus $(CPUS),) $(if $(WORKERS),--workers $(WORKERS),) $(if $(RUNS_DIR),--runs-dir $(RUNS_DIR),) \
 	  $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run,) $(if $(OUT),--out $(OUT),) \
 	  $(if $(TOKENS_PER_S),--tokens-per-s $(TOKENS_PER_S),) $(if $(PEAK_TFLOPS),--peak-tflops $(PEAK_TFLOPS),) $(if $(MFU),--mfu $(MFU),)
 

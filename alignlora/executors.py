@@ -131,9 +131,11 @@ def _fill_local(todo, args, res, workers, say, out):
 def _fill_ray(todo, args, res, workers, say, out):
     ray = _need("ray", RAY_PIP, "ray")
     started = not ray.is_initialized()
-    if started:   # RAY_ADDRESS: join that cluster; else a cluster of this machine only, on the loopback address
+    if started:   # RAY_ADDRESS: join that cluster; else one of this machine only, on the loopback address, for `workers` runs
+        per_run = res.cpus * res.ranks
         where = dict(address=os.environ["RAY_ADDRESS"]) if os.environ.get("RAY_ADDRESS") else dict(
-            num_cpus=workers or os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False)
+            num_cpus=(workers or max(1, (os.cpu_count() or 1) // per_run)) * per_run, _node_ip_address="127.0.0.1",
+            include_dashboard=False)
         ray.init(runtime_env={"env_vars": forwarded_env()}, log_to_driver=False, **where)
     try:
         task = ray.remote(run_job).options(num_cpus=res.cpus * res.ranks, num_gpus=res.gpus_per_rank * res.ranks,

@@ -5,8 +5,8 @@ import json, os, signal, subprocess, sys, threading, time
 from dataclasses import replace
 from pathlib import Path
 
-import pandas as pd
 import pytest
+import torch
 
 from alignlora.executors import fill, jobs_of
 from alignlora.experiments import make_spec, make_eval, reproduce, read_table
@@ -33,18 +33,9 @@ def planned():
 
 
 def tables(res: Path) -> dict:
-    "{table: frame} of a results folder's CSVs, timing tables left out."
-    return {f.stem: read_table(f)[0] for f in sorted(res.glob("*.csv")) if f.stem not in TIMED}
-
-
-def assert_same_tables(res: Path, ref: Path):
-    """Every table of `res` equals `ref`'s: text cells exactly, numbers to 1e-6 relative. A Ray task computes with the
-    cores it asks for, so kernels may sum in another order than the local run: the trained weights then agree to float
-    rounding (every prediction is still identical, see `eval_records`), and a float32 statistic computed from them in a
-    notebook (Fig. 5's held-out KL, about 3e7) can move in its last digit."""
-    a, b = tables(res), tables(ref)
-    assert a.keys() == b.keys()
-    for name in a: pd.testing.assert_frame_equal(a[name], b[name], check_exact=False, rtol=1e-6, obj=name)
+    "{table: its CSV without provenance} of a results folder, timing tables left out."
+    return {f.stem: "\n".join(l for l in f.read_text().splitlines() if not l.startswith("#"))
+            for f in sorted(res.glob("*.csv")) if f.stem not in TIMED}
 
 
 def eval_records(runs: Path) -> dict:
@@ -59,7 +50,8 @@ def eval_records(runs: Path) -> dict:
 def test_make_grid_on_ray_then_reproduce_trains_nothing(smoke, tmp_path):
     res_local, runs_local = smoke
     runs = tmp_path / "runs"
-    _, err = make_grid("PROFILE=smoke", "EXECUTOR=ray", "WORKERS=2", f"RUNS_DIR={runs}")
+    # each task computes with as many threads as the local run did: the same kernels, so the same bits
+    _, err = make_grid("PROFILE=smoke", "EXECUTOR=ray", "WORKERS=2", f"CPUS={torch.get_num_threads()}", f"RUNS_DIR={runs}")
     jobs, trained = planned()
     assert {p.parent.name for p in runs.glob("*/TRAINED")} == trained          # every run of every table
     done = [l for l in err.splitlines() if l.startswith("[grid] ") and ": computed in " in l]
@@ -71,7 +63,7 @@ def test_make_grid_on_ray_then_reproduce_trains_nothing(smoke, tmp_path):
     res = tmp_path / "results" / "smoke"
     wt = reproduce("smoke", results_dir=res, runs_dir_=runs, log=lambda *a: None)
     assert int(wt.new_runs.sum()) == 0 and int(wt.new_evals.sum()) == 0         # rendering trains nothing
-    assert_same_tables(res, res_local)                                          # the local executor's tables
+    assert tables(res) == tables(res_local)                                     # the local executor's tables, digit for digit
 
 
 def test_make_grid_on_submitit_local_executor_fills_the_same_cache(smoke, tmp_path):
@@ -100,8 +92,8 @@ def test_dry_run_prints_the_plan_and_writes_its_tables(smoke, tmp_path):
     plan, _ = read_table(tmp_path / "full" / "grid_plan.csv")
     trained = plan[plan.train_tokens.notna()]
     assert set(trained.tokens_per_s_source) == {"cache"}                       # rates measured by the cached runs
-    rel = (trained.device_hours * 3600 * trained.tokens_per_s / trained.train_tokens - 1).abs()
-    assert (rel < 0.05).all()                                                    # hours = tokens / measured rate (rounded)
+    hours = trained.train_tokens / trained.tokens_per_s / 3600
+    assert ((trained.device_hours - hours).abs() <= 5e-4).all()                  # hours = tokens / measured rate (3 decimals)
     assert (tmp_path / "full" / "grid_memory.md").exists() and (tmp_path / "full" / "grid_tables.md").exists()
 
 
@@ -153,3 +145,28 @@ def test_a_missing_engine_is_named_before_anything_runs(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"alignlora\[ray\]"):
         fill(jobs_of([(spec, [])]), "ray", tmp_path / "runs")
     assert not (tmp_path / "runs" / spec.key).exists()
+
+
+def _md_rows(text: str, header: str) -> list[list[str]]:
+    "Rows of the first Markdown table in `text` whose header row starts with `header`."
+    lines = text.splitlines()
+    i = next(i for i, l in enumerate(lines) if l.startswith(header))
+    rows = []
+    for l in lines[i + 2:]:
+        if not l.startswith("|"): break
+        rows.append([c.strip() for c in l.strip("|").split("|")])
+    return rows
+
+
+@pytest.mark.parametrize("name, header", [("scale_tables", "| notebook | runs"), ("scale_memory", "| model | params_b")])
+def test_readme_quotes_the_committed_scale_tables(name, header):
+    "The README's paper-scale tables are the committed results/cpu CSVs, cell for cell (no number typed by hand)."
+    import csv, io
+    body = "\n".join(l for l in (ROOT / "results" / "cpu" / f"{name}.csv").read_text().splitlines() if not l.startswith("#"))
+    assert _md_rows((ROOT / "README.md").read_text(), header) == list(csv.reader(io.StringIO(body)))[1:]
+
+
+def test_reproduce_refuses_an_unknown_executor_before_any_notebook(tmp_path):
+    with pytest.raises(ValueError, match="executor='kubernetes'"):
+        reproduce("smoke", results_dir=tmp_path / "r", runs_dir_=tmp_path / "runs", executor="kubernetes")
+    assert not (tmp_path / "r").exists()
