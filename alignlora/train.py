@@ -184,7 +184,7 @@ def segment_flex(module, query, key, value, attention_mask, dropout: float = 0.0
         fn = functools.partial(fn, training=module.training)
     else: from torch.nn.attention.flex_attention import flex_attention as fn
     out = fn(_flat(query), _flat(key), _flat(value), block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != H)
-    return out[0].view(H, R, T, D).permute(1, 2, 0, 3).contiguous(), None   # [rows, T, heads, d]
+    return out[0].reshape(H, R, T, D).permute(1, 2, 0, 3).contiguous(), None   # [rows, T, heads, d]
 
 def segment_fa2(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                 cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -192,6 +192,9 @@ def segment_fa2(module, query, key, value, attention_mask, dropout: float = 0.0,
     R, H, T, D = query.shape
     if cu_seq_lens_q is None or key.shape[2] != T:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.dtype not in (torch.float16, torch.bfloat16):   # flash-attention kernels are 16-bit only: the exact loop
+        return segment_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            cu_seq_lens_q=cu_seq_lens_q, **kwargs)
     bounds = _segment_bounds(cu_seq_lens_q, R, T)
     from transformers.modeling_flash_attention_utils import _flash_attention_forward
     cu = cu_seq_lens_q.to(query.device, torch.int32)
