@@ -171,8 +171,15 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     R, H, T, D = x.shape
     return x.transpose(0, 1).reshape(1, H, R * T, D)
 
-def segment_flex(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                 cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def segment_flex(module: torch.nn.Module,                   # attention layer (transformers' calling convention)
+                 query: torch.Tensor,                       # [rows, heads, T, d]
+                 key: torch.Tensor,                         # [rows, kv_heads, T, d]
+                 value: torch.Tensor,                       # [rows, kv_heads, T, d]
+                 attention_mask: torch.Tensor | None,       # used only on the fallback paths
+                 dropout: float = 0.0,                      # attention dropout probability
+                 scaling: float | None = None,              # softmax scale (None: 1/sqrt(d))
+                 cu_seq_lens_q: torch.Tensor | None = None, # segment boundaries in the flattened [rows·T] stream
+                 **kwargs) -> tuple[torch.Tensor, None]:
     "`segment_sdpa`'s contract with one `flex_attention` over the packed stream (causal ∧ same-segment BlockMask)."
     R, H, T, D = query.shape
     if cu_seq_lens_q is None or key.shape[2] != T or dropout:   # flex_attention has no dropout: the exact loop
@@ -186,8 +193,16 @@ def segment_flex(module, query, key, value, attention_mask, dropout: float = 0.0
     out = fn(_flat(query), _flat(key), _flat(value), block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != H)
     return out[0].reshape(H, R, T, D).permute(1, 2, 0, 3).contiguous(), None   # [rows, T, heads, d]
 
-def segment_fa2(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+# %% ../nbs/04_train.ipynb #95554468
+def segment_fa2(module: torch.nn.Module,                   # attention layer (transformers' calling convention)
+                query: torch.Tensor,                       # [rows, heads, T, d]
+                key: torch.Tensor,                         # [rows, kv_heads, T, d]
+                value: torch.Tensor,                       # [rows, kv_heads, T, d]
+                attention_mask: torch.Tensor | None,       # used only on the fallback paths
+                dropout: float = 0.0,                      # attention dropout probability
+                scaling: float | None = None,              # softmax scale (None: 1/sqrt(d))
+                cu_seq_lens_q: torch.Tensor | None = None, # segment boundaries in the flattened [rows·T] stream
+                **kwargs) -> tuple[torch.Tensor, None]:
     "`segment_sdpa`'s contract with flash-attention-2's varlen kernel on the packed stream (needs `flash_attn`, CUDA)."
     R, H, T, D = query.shape
     if cu_seq_lens_q is None or key.shape[2] != T:

@@ -14,7 +14,7 @@ The report is Markdown (a table per section) with a JSON twin, both written atom
 
 Run: HF_HUB_OFFLINE=1 .venv/bin/python tests/gpu_check.py [--device cuda] [--quick] [--out gpu_check_report.md]
 """
-import argparse, copy, importlib.util, json, math, os, platform, statistics, sys, tempfile, time, traceback
+import argparse, copy, gc, importlib.util, json, math, os, platform, statistics, sys, tempfile, time, traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -30,6 +30,15 @@ QUICK_LAYERS = {"smollm2": 2, "qwen2.5-3b": 1}
 QUICK_PROFILE = "40:6,28:4/36:3,44:5"
 FULL_PROFILE = "62:4,74:6/103:3,55:3/67:3,63:3/61:2,95:2/186:115,258:169"
 TOL = {"float32": 1e-4, "bfloat16": 3e-2}   # relative (‖Δ‖/‖ref‖) bound on logits and gradients, per dtype
+
+
+_TMP = tempfile.TemporaryDirectory(prefix="alignlora-gpu-check-")   # the Trainers' output_dir (nothing is saved)
+
+
+def free(device):
+    "Release what the last model left on the device."
+    gc.collect()
+    if torch.device(device).type == "cuda": torch.cuda.empty_cache()
 
 
 def sync(device):
@@ -78,7 +87,7 @@ def trainer_for(model, method, k: int, n_tasks: int, device, bf16: bool = True):
     "`AlignTrainer` for the method's loss (packed, supervised-only logits, per-sequence attention), as `train` builds it."
     from transformers import TrainingArguments
     from alignlora.train import AlignTrainer
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=k * n_tasks, report_to=[],
+    args = TrainingArguments(output_dir=_TMP.name, per_device_train_batch_size=k * n_tasks, report_to=[],
                              use_cpu=torch.device(device).type == "cpu", bf16=bf16)
     tr = AlignTrainer(model=model, args=args, task_sizes=[k] * n_tasks, align=method.align,
                       align_lambda=method.align_lambda or 0.0, pack=True, processing_class=None)
@@ -146,6 +155,7 @@ def steps_section(a, ctx) -> list[dict]:
         b = to_device(packed, a.device)
         for name in METHODS:
             row = dict(shape=shape, layers=base.config.num_hidden_layers, method=name)
+            m = tr = opt = None
             try:
                 m, meth = with_method(base, name); m.train()
                 tr = trainer_for(m, meth, k, n_tasks, a.device)
@@ -161,13 +171,12 @@ def steps_section(a, ctx) -> list[dict]:
                 row.update(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), finite=finite,
                            decreased=losses[-1] < losses[0], adapters_fp32=fp32, adapter_params=sum(p.numel() for p in params),
                            s_per_step=round((time.perf_counter() - t0) / a.steps, 3), status="ok" if finite and fp32 else "failed")
-                del m, tr, opt
             except Exception as e:
                 row.update(status="failed", error=f"{type(e).__name__}: {e}")
+            del m, tr, opt; free(a.device)
             if row["status"] != "ok": bad.append(f"{shape}/{name}")
             rows.append(row)
-        del base
-        if torch.device(a.device).type == "cuda": torch.cuda.empty_cache()
+        del base; free(a.device)
     if bad: raise SectionFailed(f"not finite, not fp32 adapters, or an error: {bad}", rows)
     return rows
 
@@ -215,7 +224,7 @@ def sdpa_section(a, ctx) -> list[dict]:
                    tolerance_rel=tol)
         row["status"] = "ok" if rel(got, ref) <= tol and rel(g_packed, g_sep) <= tol else "failed"
         rows.append(row)
-        del base, m
+        del base, m; free(a.device)
     if any(r["status"] != "ok" for r in rows): raise SectionFailed("segment_sdpa differs from stock sdpa beyond tolerance", rows)
     return rows
 
@@ -288,6 +297,7 @@ def throughput_section(a, ctx) -> list[dict]:
     "Tokens/s and MFU (6·N·real tokens over the measured bf16 peak) of ours vs stock PEFT (± liger FLCE)."
     from peft import LoraConfig, get_peft_model
     from alignlora.methods import get_method
+    from alignlora.train import packed_attention_backend
     if "peak" not in ctx: raise Skip("no measured bf16 peak (the environment section failed)")
     dev = torch.device(a.device); lora = get_method("lora").adapter
     rows, liger_todo = [], []
@@ -312,13 +322,13 @@ def throughput_section(a, ctx) -> list[dict]:
         def ours():
             loss_of(tr, m, b).backward(); m.zero_grad(set_to_none=True)
         row = dict(shape=shape, layers=base.config.num_hidden_layers, variant="ours lora (packed, supervised logits)",
-                   N=n, padded_tokens=int(padded["input_ids"].numel()))
-        measure(row, ours, real, n); rows.append(row); del m, tr
+                   attention=packed_attention_backend(dev), N=n, padded_tokens=int(padded["input_ids"].numel()))
+        measure(row, ours, real, n); rows.append(row); del m, tr; free(dev)
         pb = to_device({k_: padded[k_] for k_ in ("input_ids", "attention_mask", "labels")}, dev)
         pm = peft_model(base); pm.train()
-        row = dict(shape=shape, layers=base.config.num_hidden_layers, variant="stock PEFT LoRA (padded)", N=n,
+        row = dict(shape=shape, layers=base.config.num_hidden_layers, variant="stock PEFT LoRA (padded)", attention="sdpa", N=n,
                    padded_tokens=int(padded["input_ids"].numel()))
-        measure(row, peft_step(pm, pb), real, n); rows.append(row); del pm
+        measure(row, peft_step(pm, pb), real, n); rows.append(row); del pm; free(dev)
         liger_todo.append((shape, base, pb, real, n))
     # liger patches the model classes' forward: measured last, after every other row
     liger = importlib.util.find_spec("liger_kernel") is not None

@@ -4,12 +4,12 @@
 # (e.g. --quick, --shapes smollm2, --device cuda:1).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY=python3
-if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; fi
+PY="${PYTHON:-python3}"   # $PYTHON, else the project's .venv, else python3
+if [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; fi
 export HF_HUB_OFFLINE=1
 OUT="${1:-gpu_check_report.md}"
 if [ "$#" -gt 0 ]; then shift; fi
 status=0
 "$PY" "$ROOT/tests/gpu_check.py" --out "$OUT" "$@" || status=$?
-echo "GPU check report: $OUT"
+if [ -f "$OUT" ]; then echo "GPU check report: $OUT"; else echo "GPU check wrote no report (exit $status)" >&2; fi
 exit "$status"
