@@ -23,11 +23,12 @@ from .align import (align_loss, align_groups, check_align_args, check_align_samp
                              DEFAULT_LAMBDA, _compute_dtype)
 
 # %% auto #0
-__all__ = ['IGNORE', 'SEGMENT_ATTENTION', 'ALIGN_MASKS', 'PAPER_TRAINING', 'RUN_FOLDER_FILES', 'shift_labels', 'pad_collate',
-           'pack_collate', 'unpack', 'segment_sdpa', 'segment_attention', 'BalancedBatches', 'alignment_mask',
-           'check_alignment', 'check_checkpointing', 'pin_single_process', 'AlignTrainer', 'TrainResult',
-           'check_train_args', 'StopOnNonFinite', 'last_good_checkpoint', 'check_report_to', 'train',
-           'batch_align_loss']
+__all__ = ['IGNORE', 'SEGMENT_ATTENTION', 'FLEX_SEGMENT_ATTENTION', 'FA2_SEGMENT_ATTENTION', 'PACKED_BACKENDS', 'ALIGN_MASKS',
+           'PAPER_TRAINING', 'RUN_FOLDER_FILES', 'shift_labels', 'pad_collate', 'pack_collate', 'unpack',
+           'segment_sdpa', 'document_block_mask', 'segment_flex', 'segment_fa2', 'flex_available',
+           'packed_attention_backend', 'segment_attention', 'BalancedBatches', 'alignment_mask', 'check_alignment',
+           'check_checkpointing', 'pin_single_process', 'AlignTrainer', 'TrainResult', 'check_train_args',
+           'StopOnNonFinite', 'last_good_checkpoint', 'check_report_to', 'train', 'batch_align_loss']
 
 # %% ../nbs/04_train.ipynb #cb47c8c4
 IGNORE = -100  # label of positions that carry no loss
@@ -136,15 +137,133 @@ def segment_sdpa(module: torch.nn.Module,                   # attention layer (t
 AttentionInterface.register(SEGMENT_ATTENTION, segment_sdpa)
 AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)   # masks exactly as for `sdpa`
 
+# %% ../nbs/04_train.ipynb #cb3545b6
+import functools, importlib.util
+
+FLEX_SEGMENT_ATTENTION = "segments_flex"   # `segment_flex`'s attention implementation name
+FA2_SEGMENT_ATTENTION = "segments_fa2"     # `segment_fa2`'s (no "flash" in the name: transformers would then build 2-D masks)
+
+def _segment_bounds(cu_seq_lens_q: torch.Tensor, R: int, T: int) -> list[int]:
+    "Host copy of the packed batch's segment boundaries (no sync when the collator attached them), checked."
+    bounds = getattr(cu_seq_lens_q, "host_bounds", None) or cu_seq_lens_q.tolist()
+    if bounds[0] != 0 or bounds[-1] != R * T:
+        raise ValueError(f"cu_seq_lens_q must run from 0 to rows·T = {R * T}, got {bounds[0]} … {bounds[-1]}; "
+                         "build packed batches with pack_collate.")
+    return bounds
+
+_BLOCK_MASKS: dict = {}   # the last packed layout's BlockMask: every layer of a forward reuses it
+
+def document_block_mask(bounds: Sequence[int],   # segment boundaries in the flattened stream (`cu_seq_lens`)
+                        device) -> Any:          # where the mask lives
+    "flex attention `BlockMask` of causal attention within each segment `[bounds[i], bounds[i+1])`."
+    key = (tuple(bounds), str(device))
+    if key not in _BLOCK_MASKS:
+        from torch.nn.attention.flex_attention import create_block_mask
+        b = torch.tensor(bounds)
+        doc = torch.repeat_interleave(torch.arange(len(b) - 1), b.diff()).to(device)
+        def causal_same_document(batch, head, q, kv): return (doc[q] == doc[kv]) & (q >= kv)
+        _BLOCK_MASKS.clear()
+        _BLOCK_MASKS[key] = create_block_mask(causal_same_document, None, None, bounds[-1], bounds[-1], device=device)
+    return _BLOCK_MASKS[key]
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    "[rows, heads, T, d] → [1, heads, rows·T, d]: the packed rows as one stream (no segment spans rows)."
+    R, H, T, D = x.shape
+    return x.transpose(0, 1).reshape(1, H, R * T, D)
+
+def segment_flex(module: torch.nn.Module,                   # attention layer (transformers' calling convention)
+                 query: torch.Tensor,                       # [rows, heads, T, d]
+                 key: torch.Tensor,                         # [rows, kv_heads, T, d]
+                 value: torch.Tensor,                       # [rows, kv_heads, T, d]
+                 attention_mask: torch.Tensor | None,       # used only on the fallback paths
+                 dropout: float = 0.0,                      # attention dropout probability
+                 scaling: float | None = None,              # softmax scale (None: 1/sqrt(d))
+                 cu_seq_lens_q: torch.Tensor | None = None, # segment boundaries in the flattened [rows·T] stream
+                 **kwargs) -> tuple[torch.Tensor, None]:
+    "`segment_sdpa`'s contract with one `flex_attention` over the packed stream (causal ∧ same-segment BlockMask)."
+    R, H, T, D = query.shape
+    if cu_seq_lens_q is None or key.shape[2] != T or dropout:   # flex_attention has no dropout: the exact loop
+        return segment_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            cu_seq_lens_q=cu_seq_lens_q, **kwargs)
+    block_mask = document_block_mask(_segment_bounds(cu_seq_lens_q, R, T), query.device)
+    if query.device.type == "cuda":   # eager flex_attention materialises the scores: compile it (transformers' wrapper)
+        from transformers.integrations.flex_attention import compile_friendly_flex_attention as fn
+        fn = functools.partial(fn, training=module.training)
+    else: from torch.nn.attention.flex_attention import flex_attention as fn
+    out = fn(_flat(query), _flat(key), _flat(value), block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != H)
+    return out[0].reshape(H, R, T, D).permute(1, 2, 0, 3).contiguous(), None   # [rows, T, heads, d]
+
+# %% ../nbs/04_train.ipynb #95554468
+def segment_fa2(module: torch.nn.Module,                   # attention layer (transformers' calling convention)
+                query: torch.Tensor,                       # [rows, heads, T, d]
+                key: torch.Tensor,                         # [rows, kv_heads, T, d]
+                value: torch.Tensor,                       # [rows, kv_heads, T, d]
+                attention_mask: torch.Tensor | None,       # used only on the fallback paths
+                dropout: float = 0.0,                      # attention dropout probability
+                scaling: float | None = None,              # softmax scale (None: 1/sqrt(d))
+                cu_seq_lens_q: torch.Tensor | None = None, # segment boundaries in the flattened [rows·T] stream
+                **kwargs) -> tuple[torch.Tensor, None]:
+    "`segment_sdpa`'s contract with flash-attention-2's varlen kernel on the packed stream (needs `flash_attn`, CUDA)."
+    R, H, T, D = query.shape
+    if cu_seq_lens_q is None or key.shape[2] != T:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.dtype not in (torch.float16, torch.bfloat16):   # flash-attention kernels are 16-bit only: the exact loop
+        return segment_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            cu_seq_lens_q=cu_seq_lens_q, **kwargs)
+    bounds = _segment_bounds(cu_seq_lens_q, R, T)
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+    cu = cu_seq_lens_q.to(query.device, torch.int32)
+    longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    q, k, v = (_flat(x).transpose(1, 2) for x in (query, key, value))   # [1, rows·T, heads, d], flash's layout
+    out = _flash_attention_forward(q, k, v, None, query_length=R * T, is_causal=True, dropout=dropout,
+                                   softmax_scale=scaling, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                                   max_length_k=longest, attn_implementation="flash_attention_2")
+    return out.reshape(R, T, H, D), None
+
+for _name, _fn in ((FLEX_SEGMENT_ATTENTION, segment_flex), (FA2_SEGMENT_ATTENTION, segment_fa2)):
+    AttentionInterface.register(_name, _fn)
+    AttentionMaskInterface.register(_name, sdpa_mask)   # masks as for `sdpa` (used only without cu_seq_lens_q)
+
+# %% ../nbs/04_train.ipynb #4b9c3364
+PACKED_BACKENDS = {"loop": SEGMENT_ATTENTION, "flex": FLEX_SEGMENT_ATTENTION, "flash_attention_2": FA2_SEGMENT_ATTENTION}
+
+def flex_available() -> bool:
+    "Whether this torch has `flex_attention`."
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+def packed_attention_backend(device,                  # where the model runs ('cpu', 'cuda', a torch.device)
+                             requested: str = "auto", # 'auto' | 'loop' | 'flex' | 'flash_attention_2'
+                            ) -> str:
+    "The packed-attention kernel: `requested`, checked, or for 'auto' the fastest available on `device`."
+    if requested != "auto" and requested not in PACKED_BACKENDS:
+        from alignlora.errors import unknown_name
+        raise unknown_name("backend", requested, ("auto", *PACKED_BACKENDS), "packed-attention backend")
+    cuda = torch.device(device).type == "cuda"
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not flash:
+        raise ImportError(f"backend='flash_attention_2' needs CUDA and the flash_attn package (device {device!s}): "
+                          "pip install flash-attn, or use backend='flex' or 'loop'.")
+    if requested == "flex" and not flex_available():
+        raise ImportError(f"backend='flex' needs torch.nn.attention.flex_attention (torch {torch.__version__}): "
+                          "upgrade torch, or use backend='loop'.")
+    if requested != "auto": return requested
+    return "flash_attention_2" if flash else "flex" if cuda and flex_available() else "loop"
+
+# %% ../nbs/04_train.ipynb #619d17bb
+def _model_device(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
 @contextlib.contextmanager
 def segment_attention(model: torch.nn.Module,   # a transformers model (a PEFT wrapper forwards `.config`)
                       enabled: bool = True,     # False: leave the model as it is
+                      backend: str = "auto",    # `packed_attention_backend`: 'auto' | 'loop' | 'flex' | 'flash_attention_2'
                      ):
-    "Within the block a model on `sdpa` attention uses `segment_sdpa`; yields whether it switched (nested: no-op)."
+    "Within the block a model on `sdpa` attends per packed sequence (`backend`'s kernel); yields whether it switched."
     cfg = getattr(model, "config", None)
     if not enabled or getattr(cfg, "_attn_implementation", None) != "sdpa":
         yield False; return
-    cfg._attn_implementation = SEGMENT_ATTENTION
+    cfg._attn_implementation = PACKED_BACKENDS[packed_attention_backend(_model_device(model), backend)]
     try: yield True
     finally: cfg._attn_implementation = "sdpa"
 
