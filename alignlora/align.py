@@ -186,8 +186,11 @@ def _kl_layer(x: torch.Tensor, Wf: torch.Tensor, iu: torch.Tensor, min_share: fl
     mu, var = _TaskMoments.apply(x, Wf)
     var = var + KL_EPS
     i, j = iu
-    delta2 = (mu[i] - mu[j]) ** 2                                     # [P, S, r]
-    vi, vj = var[i], var[j]
+    # the pairs' moments through one-hot matmuls, not mu[i]: an indexing backward accumulates with threads in a
+    # varying order (runs differ in their last bits); a matmul's backward sums in a fixed one. Forward values are exact.
+    pick = lambda idx, t: torch.einsum("pt,tsr->psr", torch.nn.functional.one_hot(idx, t.shape[0]).to(t.dtype), t)
+    delta2 = (pick(i, mu) - pick(j, mu)) ** 2                         # [P, S, r]
+    vi, vj = pick(i, var), pick(j, var)
     sym = 0.25 * ((vi + delta2) / vj + (vj + delta2) / vi - 2).sum(-1)   # [P, S]
     n_valid = Wf.sum(1)                                               # [T, S] valid samples per position
     n_task = Wf.amax(2).sum(1, keepdim=True)                          # [T, 1] samples with any valid position

@@ -234,7 +234,7 @@ def flex_available() -> bool:
 def packed_attention_backend(device,                  # where the model runs ('cpu', 'cuda', a torch.device)
                              requested: str = "auto", # 'auto' | 'loop' | 'flex' | 'flash_attention_2'
                             ) -> str:
-    "The packed-attention kernel: `requested`, checked, or for 'auto' the fastest available on `device`."
+    "The packed-attention kernel: `requested`, checked; 'auto': flash-attention-2 on CUDA where `flash_attn` is installed, else the loop."
     if requested != "auto" and requested not in PACKED_BACKENDS:
         from alignlora.errors import unknown_name
         raise unknown_name("backend", requested, ("auto", *PACKED_BACKENDS), "packed-attention backend")
@@ -247,7 +247,8 @@ def packed_attention_backend(device,                  # where the model runs ('c
         raise ImportError(f"backend='flex' needs torch.nn.attention.flex_attention (torch {torch.__version__}): "
                           "upgrade torch, or use backend='loop'.")
     if requested != "auto": return requested
-    return "flash_attention_2" if flash else "flex" if cuda and flex_available() else "loop"
+    # flex stays opt-in: compiled, it recompiles for every new packed length, which the loop and flash never do
+    return "flash_attention_2" if flash else "loop"
 
 # %% ../nbs/04_train.ipynb #619d17bb
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -211,3 +211,24 @@ def test_released_bytes():
     # [19, N, N, S, r] bf16, per pair (10) and layer (108) at the paper's shapes: ≈ 16.8 GB
     assert released_mmd_bytes() == 19 * 10 * 10 * 512 * 8 * 2 * 10 * 108
     assert released_mmd_bytes(num_tasks=2, num_layers=1) == 19 * 100 * 512 * 8 * 2
+
+
+def test_kl_gradient_is_bitwise_reproducible_across_threads():
+    """The KL's backward sums in a fixed order: its gradients equal torch's deterministic mode bit for bit. Gathering the
+    pairs' moments by indexing (mu[i]) made the backward accumulate with threads in a varying order, and two runs of
+    align-lora-kl with the same seed then trained to different bits on 2 threads."""
+    import torch
+    from alignlora.align import align_loss
+    torch.manual_seed(0)
+    T, per, S, r = 5, 8, 512, 8
+    task_ids = torch.arange(T).repeat_interleave(per)
+    feats = [torch.randn(T * per, S, r) * 3 for _ in range(2)]
+    def grads(deterministic: bool):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            fs = [f.clone().requires_grad_() for f in feats]
+            align_loss(fs, task_ids, kind="kl").backward()
+            return [f.grad for f in fs]
+        finally: torch.use_deterministic_algorithms(False)
+    ref = grads(True)
+    for _ in range(3): assert all(torch.equal(a, b) for a, b in zip(grads(False), ref))

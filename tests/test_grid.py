@@ -15,7 +15,7 @@ from alignlora.train import _checkpoint_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["qnli", "piqa", "winogrande", "arc", "gsm8k"]
-TIMED = {"costs", "walltimes", "table1_power"}   # tables of wall times: they differ between any two executions
+TIMED = {"costs", "walltimes", "table1_power", "scale_check"}   # tables of wall times: they differ between any two executions
 
 
 def make_grid(*args, env=None, timeout=1200):
@@ -36,6 +36,13 @@ def tables(res: Path) -> dict:
     "{table: its CSV without provenance} of a results folder, timing tables left out."
     return {f.stem: "\n".join(l for l in f.read_text().splitlines() if not l.startswith("#"))
             for f in sorted(res.glob("*.csv")) if f.stem not in TIMED}
+
+
+def adapter_bits(runs: Path) -> dict:
+    "{run: sha256 of its trained adapter files}: equal bits mean every table computed from the weights is equal too."
+    import hashlib
+    return {d.name: hashlib.sha256(b"".join(f.read_bytes() for f in sorted((d / "train" / "adapters").rglob("*")) if f.is_file())).hexdigest()
+            for d in runs.iterdir() if (d / "TRAINED").exists()}
 
 
 def eval_records(runs: Path) -> dict:
@@ -60,6 +67,7 @@ def test_make_grid_on_ray_then_reproduce_trains_nothing(smoke, tmp_path):
         steps = [json.loads(l)["step"] for l in (runs / k / "train" / "log.jsonl").read_text().splitlines()]
         assert steps == sorted(set(steps)), k
     assert eval_records(runs) == eval_records(runs_local)                      # the same predictions, row for row
+    assert adapter_bits(runs) == adapter_bits(runs_local)                      # and the same weights, bit for bit
     res = tmp_path / "results" / "smoke"
     wt = reproduce("smoke", results_dir=res, runs_dir_=runs, log=lambda *a: None)
     assert int(wt.new_runs.sum()) == 0 and int(wt.new_evals.sum()) == 0         # rendering trains nothing
@@ -75,6 +83,7 @@ def test_make_grid_on_submitit_local_executor_fills_the_same_cache(smoke, tmp_pa
     assert {p.parent.name for p in runs.glob("*/TRAINED")} == trained
     assert len(list((runs / ".submitit").glob("*/*_result.pkl"))) == len(jobs)   # one submitit job per run
     assert eval_records(runs) == eval_records(runs_local)
+    assert adapter_bits(runs) == adapter_bits(runs_local)                      # the local run's weights, bit for bit
     again, _ = make_grid("PROFILE=smoke", "EXECUTOR=slurm", f"RUNS_DIR={runs}", env={"ALIGNLORA_SLURM_CLUSTER": "local"})
     assert len(list((runs / ".submitit").glob("*/*_result.pkl"))) == len(jobs)   # a full cache submits nothing
 
