@@ -179,3 +179,14 @@ def test_reproduce_refuses_an_unknown_executor_before_any_notebook(tmp_path):
     with pytest.raises(ValueError, match="executor='kubernetes'"):
         reproduce("smoke", results_dir=tmp_path / "r", runs_dir_=tmp_path / "runs", executor="kubernetes")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_paper_notebooks_grid_goes_to_the_executor_reproduce_names(tmp_path, monkeypatch):
+    "`make reproduce EXECUTOR=...` reaches `ctx.grid`: its missing runs go through the engine (submitit's in-process one here)."
+    from alignlora.experiments import EXECUTOR_ENV
+    from alignlora.paper import paper_context
+    monkeypatch.setenv(EXECUTOR_ENV, "slurm"); monkeypatch.setenv("ALIGNLORA_SLURM_CLUSTER", "debug")
+    ctx = paper_context("smoke", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
+    df = ctx.grid(["lora"], ["qnli", "piqa"], [ctx.eval(["piqa"], "loglik")])
+    assert list(df.task) == ["piqa"] and df.acc.notna().all()
+    assert len(list((tmp_path / "runs" / ".submitit").glob("*/*"))) > 0   # computed by a submitit job, then read
