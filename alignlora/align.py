@@ -181,16 +181,28 @@ class _TaskMoments(torch.autograd.Function):
             g = g + 2 * dev * torch.einsum("tbs,tsr->bsr", Wf, g_var / (n - 1).clamp(min=1))
             return g.to(x.dtype), None
 
+class _PairPick(torch.autograd.Function):
+    """`t[idx]` for `t` [T, S, r] as a one-hot matmul, forward and backward with autocast off.
+    Not `t[idx]`: an indexing backward accumulates with threads in a varying order (runs differ in their last bits),
+    a matmul's backward sums in a fixed one. Not a plain einsum: its backward would follow an autocast enclosing
+    `.backward()` into bf16. Forward values are exact (one-hot)."""
+    @staticmethod
+    def forward(ctx, idx, t):
+        onehot = torch.nn.functional.one_hot(idx, t.shape[0]).to(t.dtype)
+        ctx.save_for_backward(onehot)
+        with _no_autocast(t): return torch.einsum("pt,tsr->psr", onehot, t)
+    @staticmethod
+    def backward(ctx, g):
+        onehot, = ctx.saved_tensors
+        with _no_autocast(g): return None, torch.einsum("pt,psr->tsr", onehot, g)
+
 def _kl_layer(x: torch.Tensor, Wf: torch.Tensor, iu: torch.Tensor, min_share: float | None = None):
     "Symmetric KL for task pairs `iu` (i < j) at every position: (value [P, S], valid [P, S]). Wf: 0/1 [T, B, S]."
     mu, var = _TaskMoments.apply(x, Wf)
     var = var + KL_EPS
     i, j = iu
-    # the pairs' moments through one-hot matmuls, not mu[i]: an indexing backward accumulates with threads in a
-    # varying order (runs differ in their last bits); a matmul's backward sums in a fixed one. Forward values are exact.
-    pick = lambda idx, t: torch.einsum("pt,tsr->psr", torch.nn.functional.one_hot(idx, t.shape[0]).to(t.dtype), t)
-    delta2 = (pick(i, mu) - pick(j, mu)) ** 2                         # [P, S, r]
-    vi, vj = pick(i, var), pick(j, var)
+    delta2 = (_PairPick.apply(i, mu) - _PairPick.apply(j, mu)) ** 2   # [P, S, r]
+    vi, vj = _PairPick.apply(i, var), _PairPick.apply(j, var)
     sym = 0.25 * ((vi + delta2) / vj + (vj + delta2) / vi - 2).sum(-1)   # [P, S]
     n_valid = Wf.sum(1)                                               # [T, S] valid samples per position
     n_task = Wf.amax(2).sum(1, keepdim=True)                          # [T, 1] samples with any valid position
