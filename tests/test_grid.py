@@ -156,25 +156,6 @@ def test_a_missing_engine_is_named_before_anything_runs(tmp_path, monkeypatch):
     assert not (tmp_path / "runs" / spec.key).exists()
 
 
-def _md_rows(text: str, header: str) -> list[list[str]]:
-    "Rows of the first Markdown table in `text` whose header row starts with `header`."
-    lines = text.splitlines()
-    i = next(i for i, l in enumerate(lines) if l.startswith(header))
-    rows = []
-    for l in lines[i + 2:]:
-        if not l.startswith("|"): break
-        rows.append([c.strip() for c in l.strip("|").split("|")])
-    return rows
-
-
-@pytest.mark.parametrize("name, header", [("scale_tables", "| notebook | runs"), ("scale_memory", "| model | params_b")])
-def test_readme_quotes_the_committed_scale_tables(name, header):
-    "The README's paper-scale tables are the committed results/cpu CSVs, cell for cell (no number typed by hand)."
-    import csv, io
-    body = "\n".join(l for l in (ROOT / "results" / "cpu" / f"{name}.csv").read_text().splitlines() if not l.startswith("#"))
-    assert _md_rows((ROOT / "README.md").read_text(), header) == list(csv.reader(io.StringIO(body)))[1:]
-
-
 def test_reproduce_refuses_an_unknown_executor_before_any_notebook(tmp_path):
     with pytest.raises(ValueError, match="executor='kubernetes'"):
         reproduce("smoke", results_dir=tmp_path / "r", runs_dir_=tmp_path / "runs", executor="kubernetes")
