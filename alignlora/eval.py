@@ -17,9 +17,10 @@ from .files import atomic_write
 # %% auto #0
 __all__ = ['PROTOCOLS', 'STOCK_YAML', 'BACKENDS', 'VLLM_LORA_RANKS', 'VLLM_PIP', 'PROBE', 'process_generation', 'tasks_dir',
            'stock_yaml', 'expand_tasks', 'lm_task_name', 'write_rows', 'write_task_yaml', 'primary_metric',
-           'merged_adapters', 'pack_choices', 'packed_mask', 'packed_loglik', 'prefix_groups', 'prefix_greedy',
-           'shared_prompt_lm', 'vllm_installed', 'vllm_lora_rank', 'vllm_model_args', 'vllm_command', 'check_vllm',
-           'pick_backend', 'lora_applied', 'check_lora_applied', 'evaluate', 'greedy_reference', 'stop_strings']
+           'merged_adapters', 'contiguous_head', 'pack_choices', 'packed_mask', 'packed_loglik', 'prefix_groups',
+           'prefix_greedy', 'shared_prompt_lm', 'vllm_installed', 'vllm_lora_rank', 'vllm_model_args', 'vllm_command',
+           'check_vllm', 'pick_backend', 'lora_applied', 'check_lora_applied', 'evaluate', 'greedy_reference',
+           'stop_strings']
 
 # %% ../nbs/05_eval.ipynb #3d2d554f
 def process_generation(doc: dict,      # one row of the task's JSONL (see `write_rows`)
@@ -199,6 +200,17 @@ def merged_adapters(model,                 # a transformers model, with `alignlo
             with torch.no_grad():
                 for l, w in zip(layers, saved): l.base.weight.copy_(w); l.merged = False
 
+
+# %% ../nbs/05_eval.ipynb #38c2801f
+@contextlib.contextmanager
+def contiguous_head(model,                 # a transformers causal LM
+                    enabled: bool = True): # False: leave the output layer as it is
+    "Within the block the output layer's input is made contiguous (a strided bf16 input takes oneDNN's slow batched path)."
+    head = model.get_output_embeddings() if enabled else None
+    hook = head.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(), *args[1:])) if head is not None else None
+    try: yield hook is not None
+    finally:
+        if hook is not None: hook.remove()
 
 # %% ../nbs/05_eval.ipynb #69c01747
 def pack_choices(ctx: list[int],           # the context's token ids (shared by every choice)
@@ -434,16 +446,18 @@ def _simple_evaluate(lm, tmp: Path, lm_names: dict, seed) -> dict:
                                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
 
 def _run_lm_eval(model, tokenizer, tmp: Path, lm_names: dict, batch_size, seed, progress, merge, shared_prompt,
-                 prefix_cache) -> dict:
+                 prefix_cache, contiguous=True) -> dict:
     "lm-eval's raw results on the tasks in `tmp`; the model leaves in its previous mode, adapters unmerged."
     was_training = model.training
-    quiet, lm, merging = _Quiet(), None, None
+    quiet, lm, merging, head = _Quiet(), None, None, None
     try:
         quiet.__enter__()
         merging = merged_adapters(model, merge); merging.__enter__()
+        head = contiguous_head(model, contiguous); head.__enter__()
         lm = _make_lm(model, tokenizer, batch_size, progress, shared_prompt, prefix_cache)
         return _simple_evaluate(lm, tmp, lm_names, seed)
     finally:
+        if head is not None: head.__exit__(None, None, None)
         if merging is not None: merging.__exit__(None, None, None)
         model.train(was_training); quiet.__exit__()
         if lm is not None: lm.__dict__.clear()   # the partials above refer back to lm: no cycle keeps the model alive
@@ -643,6 +657,7 @@ def evaluate(model,                        # an in-memory transformers causal LM
              merge: bool = True,           # fold static adapters into the base weights for the call (`merged_adapters`)
              shared_prompt: bool = True,   # loglik: one packed forward per row (`shared_prompt_lm`)
              prefix_cache: bool = False,   # generate: a prefix shared by ≥ 64 tokens is computed once (`prefix_greedy`)
+             contiguous_head: bool = True, # the output layer's input made contiguous (`contiguous_head`)
              backend: str = "hf",          # 'hf': lm-eval's HFLM on the in-memory model; 'vllm': base + PEFT LoRA in vLLM
              base: str | None = None) -> dict:  # vllm: the base model it loads (None: `model.config._name_or_path`)
     "Evaluate `model` on `tasks` with lm-eval; `{task: {acc, acc_stderr, n, parse_rate, per_example}}` (+ `bbh`)."
@@ -655,7 +670,7 @@ def evaluate(model,                        # an in-memory transformers causal LM
         lm_names = _write_task_folder(Path(tmp), rows, protocol, data_dir, max_new_tokens)
         if backend == "vllm": raw = _run_vllm(model, tokenizer, Path(tmp), lm_names, base, seed, progress)
         else: raw = _run_lm_eval(model, tokenizer, Path(tmp), lm_names, batch_size, seed, progress, merge, shared_prompt,
-                                 prefix_cache)
+                                 prefix_cache, contiguous_head)
     res = _task_results(raw, lm_names, rows, protocol)
     if output_dir is not None: _write_outputs(output_dir, raw, res, lm_names)
     return res

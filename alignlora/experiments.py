@@ -615,12 +615,13 @@ def _train_run(spec: RunSpec, d: Path, data_dir=None, device="cpu", quiet=True, 
     tokens = sum(r.get("tokens", 0) or 0 for r in res.log if "loss" in r)   # real (non-padding) tokens, from the logs
     return res.model, res.tokenizer, dict(wall_s=round(wall, 1), tokens_per_s=tokens / wall if wall else 0.0)
 
-def load_run(spec: RunSpec, runs_dir_=None, device=None):
-    "The trained model of a cached run (base model + its saved adapters), in eval mode, on `device` (None: the spec's)."
+def load_run(spec: RunSpec, runs_dir_=None, device=None, dtype: str | None = None):
+    """The trained model of a cached run (base model + its saved adapters), in eval mode, on `device` and in `dtype`
+    (None: the spec's; another dtype loads the base weights in it, e.g. to compare an fp32 evaluation with a bf16 one)."""
     from alignlora.models import load_model
     from alignlora.adapters import add_adapters, load_adapters
     from alignlora.methods import get_method
-    model, tok = load_model(spec.model, dtype=_dtype(spec.dtype), device=device or spec.device)
+    model, tok = load_model(spec.model, dtype=_dtype(dtype or spec.dtype), device=device or spec.device)
     if spec.method != "base":
         st = run_status(spec, runs_dir_)
         if st != "trained": raise FileNotFoundError(f"run {spec.key} ({spec.label}) is {st}; call run(spec) first")

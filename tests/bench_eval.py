@@ -1,16 +1,22 @@
 """Evaluation wall time, old against new, on one trained `cpu`-profile run (not a pytest test).
 
 The `cpu` profile's evaluation set, as `experiments._evaluate` runs it: `generate` on the 5-task mix (30 rows per label
-task at ≤ 16 new tokens, 8 GSM8K rows at ≤ 96), `loglik` on its four tasks with choices (30 rows each) and `bbh` (2 rows
-per subtask, ≤ 24 new tokens). Two variants of `alignlora.eval.evaluate` on the same in-memory model:
-  - `old`: merge=False, shared_prompt=False, prefix_cache=False (lm-eval's `HFLM` on the unmerged adapters);
-  - `new`: merge, shared_prompt and prefix_cache on (adapters merged for the call, one packed forward per loglik row,
-    BBH's shared prefix once).
-Variants are interleaved per repeat (the CPU is shared; contention hits both alike); medians reported. Per call, the time
+task at <= 16 new tokens, 8 GSM8K rows at <= 96), `loglik` on its four tasks with choices (320 rows each) and `bbh` (2 rows
+per subtask, <= 24 new tokens). Three evaluations of the same trained adapters, each on its own in-memory model:
+  - `old`: lm-eval's `HFLM` on the unmerged adapters (merge, shared_prompt, prefix_cache, contiguous_head off) over fp32
+    base weights: the evaluation before `dtype="auto"` and the rewrites below;
+  - `old@<dtype>`: the same lm-eval path at the run's dtype (bf16 where the CPU has bf16 matrix units; left out where
+    that is fp32): `new` against it isolates the rewrites from the dtype;
+  - `new`: `evaluate`'s rewrites (adapters merged where the weights are fp32, one packed forward per loglik row, a
+    contiguous input to the output layer) and BBH's shared few-shot prefix computed once (`prefix_cache`), at the run's
+    dtype.
+Variants are interleaved per repeat (the CPU is shared; contention hits all alike); medians reported. Per call, the time
 spent in the decoder's forwards is split into prefill (> 1 token per row) and decode (1 token per row), with the tokens
 fed and the real (non-padding) ones; the rest is the output layer, log-softmax and lm-eval (task building, requests).
-Agreement: per row, old and new predictions compared (generate: the generated text; loglik: the chosen choice), every
-difference printed; loglik also gives the largest |Δ log-likelihood| over all choices.
+Agreement: per row, each evaluation's prediction against `new`'s (generate: the generated text; loglik: the chosen
+choice), every difference listed with what explains it: for loglik both evaluations' margins between the best and the
+second-best choice (a flip at a margin the size of bf16 rounding is a near-tie), for generate both texts and whether
+each scored correct.
 
 Run: HF_HUB_OFFLINE=1 ALIGNLORA_DATA=../shared/data .venv/bin/python tests/bench_eval.py --runs /tmp/runs [--repeats 2]
 (trains the `cpu` profile's `lora` run into --runs first if it is not there: about 1-10 min on 2 shared cores)
@@ -27,7 +33,8 @@ from alignlora.data import PAPER_TASKS
 from alignlora.eval import evaluate
 from alignlora.experiments import load_run, make_eval, make_spec, run
 
-VARIANTS = {"old": dict(merge=False, shared_prompt=False, prefix_cache=False), "new": dict(prefix_cache=True)}
+LM_EVAL_PATH = dict(merge=False, shared_prompt=False, prefix_cache=False, contiguous_head=False)   # lm-eval's HFLM as it is
+REWRITES = dict(prefix_cache=True)                                          # evaluate's defaults + the prefix cache
 
 
 class Timer:
@@ -52,22 +59,36 @@ def calls(e):
     return [(ts, lim, cap) for (lim, cap), ts in groups.items()]
 
 
-def evaluate_set(model, tok, e, variant, data_dir):
-    "Wall time, per-row predictions `{(task, doc_id): prediction}`, log-likelihoods and the forward split of one set."
-    preds, lls, wall = {}, {}, 0.0
+def evaluate_set(model, tok, e, kwargs, data_dir):
+    "Wall time, per-row predictions `{(task, doc_id): prediction}`, log-likelihoods and scores of one set."
+    preds, lls, accs, wall = {}, {}, {}, 0.0
     for ts, lim, cap in calls(e):
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
             evaluate(model, tok, ts, protocol=e.protocol, limit=lim, batch_size=e.batch_size, data_dir=data_dir,
-                     max_new_tokens=cap, progress=False, output_dir=out, **VARIANTS[variant])
+                     max_new_tokens=cap, progress=False, output_dir=out, **kwargs)
             wall += time.perf_counter() - t0
             for s in map(json.loads, open(Path(out) / "samples.jsonl")):
                 if s.get("filter", "none") != "none" and e.protocol == "loglik": continue
-                k = (s["task"], s["doc_id"])
+                k = (s["task"], s["doc_id"]); accs[k] = bool(s.get("acc"))
                 if e.protocol == "loglik":
                     ll = [float(r[0][0]) for r in s["resps"]]; lls[k] = ll; preds[k] = max(range(len(ll)), key=ll.__getitem__)
                 else: preds[k] = s["filtered_resps"][0]
-    return wall, preds, lls
+    return wall, preds, lls, accs
+
+
+def margin(ll):
+    "Best minus second-best log-likelihood of one row's choices."
+    top = sorted(ll, reverse=True)
+    return top[0] - top[1] if len(top) > 1 else float("inf")
+
+
+def explain(name, k, old, new):
+    "One line on a row where evaluation `old` and `new` disagree."
+    (po, llo, ao), (pn, lln, an) = old, new
+    if llo: return (f"    {k}: choice {po[k]} -> {pn.get(k)}; margin {margin(llo[k]):.3f} -> {margin(lln[k]):.3f} nats; "
+                    f"correct {ao[k]} -> {an.get(k)}")
+    return f"    {k}: {po[k][:60]!r} (correct {ao[k]}) -> {pn.get(k, '')[:60]!r} (correct {an.get(k)})"
 
 
 def main():
@@ -76,44 +97,53 @@ def main():
     ap.add_argument("--method", default="lora")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sets", default="generate,loglik,bbh")
+    ap.add_argument("--old-dtype", default="float32", help="base weights of the `old` evaluation")
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     data_dir = os.environ.get("ALIGNLORA_DATA")
     spec = make_spec("cpu", a.method, PAPER_TASKS)
     run(spec, runs_dir_=a.runs, data_dir=data_dir)          # trains it unless cached
-    model, tok = load_run(spec, a.runs)
-    timer = Timer(model, tok.pad_token_id)
+    models = {"old": (load_run(spec, a.runs, dtype=a.old_dtype), LM_EVAL_PATH)}
+    if spec.dtype != a.old_dtype: models[f"old@{spec.dtype}"] = (load_run(spec, a.runs), LM_EVAL_PATH)
+    models["new"] = (load_run(spec, a.runs), REWRITES)
+    print(f"run {spec.label} ({spec.key}), dtype {spec.dtype}; old at {a.old_dtype}; {torch.get_num_threads()} threads", flush=True)
+    timers = {v: Timer(m, t.pad_token_id) for v, ((m, t), _) in models.items()}
     sets = {"generate": make_eval("cpu", PAPER_TASKS, "generate"),
             "loglik": make_eval("cpu", [t for t in PAPER_TASKS if t != "gsm8k"], "loglik"),
             "bbh": make_eval("cpu", ["bbh"], "generate")}
     walls, split, first = collections.defaultdict(list), {}, {}
     for rep in range(a.repeats):
         for name in a.sets.split(","):
-            for v in (VARIANTS if rep % 2 == 0 else list(VARIANTS)[::-1]):
-                timer.s.clear()
-                w, p, ll = evaluate_set(model, tok, sets[name], v, data_dir)
-                walls[name, v].append(w); split[name, v] = dict(timer.s); first.setdefault((name, v), (p, ll))
-                s = timer.s; fw = s["prefill_s"] + s["decode_s"]
-                print(f"repeat {rep} {name:8s} {v}: {w:6.1f} s = prefill {s['prefill_s']:5.1f} s ({s['prefill_calls']} calls, "
+            for v in (list(models) if rep % 2 == 0 else list(models)[::-1]):
+                (model, tok), kw = models[v]; s = timers[v].s; s.clear()
+                w, p, ll, acc = evaluate_set(model, tok, sets[name], kw, data_dir)
+                walls[name, v].append(w); split[name, v] = dict(s); first.setdefault((name, v), (p, ll, acc))
+                fw = s.get("prefill_s", 0) + s.get("decode_s", 0)
+                print(f"repeat {rep} {name:8s} {v:14s}: {w:6.1f} s = prefill {s['prefill_s']:5.1f} s ({s['prefill_calls']} calls, "
                       f"{s['prefill_tok']} tokens, {s['prefill_real']} real) + decode {s['decode_s']:5.1f} s "
                       f"({s['decode_calls']} calls, {s['decode_tok']} tokens) + rest {w - fw:5.1f} s", flush=True)
-            if rep == 0:
-                (po, _), (pn, _) = first[name, "old"], first[name, "new"]
-                print(f"  {name}: {sum(po[k] == pn.get(k) for k in po)}/{len(po)} identical predictions", flush=True)
-    print("\nset       old_s   new_s  speed-up  identical  (medians over repeats)")
+    print("\nset       variant          wall_s  speed-up of new  identical to new  accuracy  (medians over repeats)")
     tot = collections.Counter()
     for name in a.sets.split(","):
-        o, n = statistics.median(walls[name, "old"]), statistics.median(walls[name, "new"]); tot["old"] += o; tot["new"] += n
-        (po, llo), (pn, lln) = first[name, "old"], first[name, "new"]
-        diff = sorted(k for k in po if po[k] != pn.get(k))
-        print(f"{name:8s} {o:7.1f} {n:7.1f} {o / n:8.2f}x  {len(po) - len(diff)}/{len(po)}")
-        for k in diff: print(f"    differs {k}: old {po[k]!r} new {pn.get(k)!r}")
-        if llo: print(f"    max |Δ log-likelihood| over all choices: {max(abs(x - y) for k in llo for x, y in zip(llo[k], lln[k])):.2e}")
-    print(f"{'all':8s} {tot['old']:7.1f} {tot['new']:7.1f} {tot['old'] / tot['new']:8.2f}x")
+        new = first[name, "new"]; n = statistics.median(walls[name, "new"])
+        for v in models:
+            o = statistics.median(walls[name, v]); tot[v] += o
+            p = first[name, v][0]; same = sum(p[k] == new[0].get(k) for k in p)
+            print(f"{name:8s}  {v:14s} {o:7.1f} {o / n:9.2f}x {same:9d}/{len(p)} {100 * statistics.mean(first[name, v][2].values()):9.1f}")
+        for v in models:
+            if v == "new": continue
+            diff = sorted(k for k in first[name, v][0] if first[name, v][0][k] != new[0].get(k))
+            if diff: print(f"  {name}: {len(diff)} rows where {v} and new differ:")
+            for k in diff: print(explain(name, k, first[name, v], new))
+            if first[name, v][1]:
+                llo, lln = first[name, v][1], new[1]
+                print(f"  {name}: {v} vs new, max |Δ log-likelihood| over all choices: "
+                      f"{max(abs(x - y) for k in llo for x, y in zip(llo[k], lln[k])):.2e}")
+    print(f"\n{'all':8s}  " + "  ".join(f"{v} {tot[v]:.1f} s ({tot[v] / tot['new']:.2f}x of new)" for v in models))
     print("\nforward split of the last repeat (decoder forwards; 'rest' = output layer, log-softmax, lm-eval):")
     for (name, v), s in split.items():
-        fw = s["prefill_s"] + s["decode_s"]; w = walls[name, v][-1]
-        print(f"  {name:8s} {v}: wall {w:5.1f} s = prefill {s['prefill_s']:5.1f} s ({s['prefill_calls']} calls, "
+        fw = s.get("prefill_s", 0) + s.get("decode_s", 0); w = walls[name, v][-1]
+        print(f"  {name:8s} {v:14s}: wall {w:5.1f} s = prefill {s['prefill_s']:5.1f} s ({s['prefill_calls']} calls, "
               f"{s['prefill_tok']} tokens, {s['prefill_real']} real) + decode {s['decode_s']:5.1f} s ({s['decode_calls']} calls, "
               f"{s['decode_tok']} tokens) + rest {w - fw:5.1f} s")
 

@@ -124,7 +124,7 @@ def test_clear_errors(tiny):
     with pytest.raises(KeyError, match="Unknown task"): evaluate(m, tok, ["hellaswag"], limit=2, data_dir=DATA)
 
 
-OLD_PATH = dict(merge=False, shared_prompt=False, prefix_cache=False)
+OLD_PATH = dict(merge=False, shared_prompt=False, prefix_cache=False, contiguous_head=False)
 
 
 @pytest.fixture(scope="module")
