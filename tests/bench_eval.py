@@ -117,7 +117,7 @@ def main():
             for v in (list(models) if rep % 2 == 0 else list(models)[::-1]):
                 (model, tok), kw = models[v]; s = timers[v].s; s.clear()
                 w, p, ll, acc = evaluate_set(model, tok, sets[name], kw, data_dir)
-                walls[name, v].append(w); split[name, v] = dict(s); first.setdefault((name, v), (p, ll, acc))
+                walls[name, v].append(w); split[name, v] = collections.Counter(s); first.setdefault((name, v), (p, ll, acc))
                 fw = s.get("prefill_s", 0) + s.get("decode_s", 0)
                 print(f"repeat {rep} {name:8s} {v:14s}: {w:6.1f} s = prefill {s['prefill_s']:5.1f} s ({s['prefill_calls']} calls, "
                       f"{s['prefill_tok']} tokens, {s['prefill_real']} real) + decode {s['decode_s']:5.1f} s "
