@@ -201,7 +201,7 @@ def merged_adapters(model,                 # a transformers model, with `alignlo
                 for l, w in zip(layers, saved): l.base.weight.copy_(w); l.merged = False
 
 
-# %% ../nbs/05_eval.ipynb #38c2801f
+# %% ../nbs/05_eval.ipynb #40e741b2
 @contextlib.contextmanager
 def contiguous_head(model,                 # a transformers causal LM
                     enabled: bool = True): # False: leave the output layer as it is
@@ -242,6 +242,14 @@ def _packed_batch(packs, pad_id: int, dtype):
         n = len(t); ids[r, :n] = torch.tensor(t); pos[r, :n] = torch.tensor(p); see[r, 0, :n, :n] = packed_mask(s)
     return ids, pos, torch.zeros(see.shape, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)
 
+def _scored_logits(model, h):
+    "Logits at the scored positions `h` [n, d] from the output layer in fp32 (fp64 stays fp64), whatever the model's dtype."
+    import torch, torch.nn.functional as F
+    head, dt = model.get_output_embeddings(), torch.promote_types(h.dtype, torch.float32)
+    # bf16 logits keep 8 bits: two choices that differ in their last token often tie exactly, and a tie goes to the first
+    if type(head) is not torch.nn.Linear or head.weight.dtype == dt: return head(h).to(dt)
+    return F.linear(h.to(dt), head.weight.to(dt), None if head.bias is None else head.bias.to(dt))
+
 def packed_loglik(model,                     # a transformers causal LM (decoder + output embeddings)
                   rows: list[tuple],         # `(ctx, conts)` per row: context ids and each choice's ids
                   pad_id: int = 0,           # id written into the padding
@@ -255,7 +263,7 @@ def packed_loglik(model,                     # a transformers causal LM (decoder
     dev = model.device
     with torch.no_grad():
         h = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
-        logp = F.log_softmax(model.get_output_embeddings()(h[r_idx, a_idx]), dim=-1, dtype=softmax_dtype or torch.float32)
+        logp = F.log_softmax(_scored_logits(model, h[r_idx, a_idx]), dim=-1, dtype=softmax_dtype or torch.float32)
     tgt = torch.tensor([t for _, ys in rows for y in ys for t in y], device=logp.device)
     tok_lp, hit = logp.gather(-1, tgt[:, None])[:, 0], logp.argmax(-1) == tgt
     out, k = [], 0
