@@ -17,10 +17,10 @@ from .files import atomic_write
 # %% auto #0
 __all__ = ['PROTOCOLS', 'STOCK_YAML', 'BACKENDS', 'VLLM_LORA_RANKS', 'VLLM_PIP', 'PROBE', 'process_generation', 'tasks_dir',
            'stock_yaml', 'expand_tasks', 'lm_task_name', 'write_rows', 'write_task_yaml', 'primary_metric',
-           'merged_adapters', 'contiguous_head', 'pack_choices', 'packed_mask', 'packed_loglik', 'prefix_groups',
-           'prefix_greedy', 'shared_prompt_lm', 'vllm_installed', 'vllm_lora_rank', 'vllm_model_args', 'vllm_command',
-           'check_vllm', 'pick_backend', 'lora_applied', 'check_lora_applied', 'evaluate', 'greedy_reference',
-           'stop_strings']
+           'merged_adapters', 'contiguous_head', 'pack_choices', 'packed_mask', 'scoring_head', 'packed_loglik',
+           'prefix_groups', 'prefix_greedy', 'shared_prompt_lm', 'vllm_installed', 'vllm_lora_rank', 'vllm_model_args',
+           'vllm_command', 'check_vllm', 'pick_backend', 'lora_applied', 'check_lora_applied', 'evaluate',
+           'greedy_reference', 'stop_strings']
 
 # %% ../nbs/05_eval.ipynb #3d2d554f
 def process_generation(doc: dict,      # one row of the task's JSONL (see `write_rows`)
@@ -242,18 +242,27 @@ def _packed_batch(packs, pad_id: int, dtype):
         n = len(t); ids[r, :n] = torch.tensor(t); pos[r, :n] = torch.tensor(p); see[r, 0, :n, :n] = packed_mask(s)
     return ids, pos, torch.zeros(see.shape, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)
 
-def _scored_logits(model, h):
+def scoring_head(model, dtype=None):
+    "`(weight, bias)` of the output layer at the scoring dtype (fp32; fp64 stays fp64), cast once; None: the layer as it is."
+    import torch
+    head = model.get_output_embeddings()
+    dt = torch.promote_types(dtype or head.weight.dtype, torch.float32)
+    if type(head) is not torch.nn.Linear or head.weight.dtype == dt: return None
+    return head.weight.to(dt), None if head.bias is None else head.bias.to(dt)
+
+def _scored_logits(model, h, head=None):
     "Logits at the scored positions `h` [n, d] from the output layer in fp32 (fp64 stays fp64), whatever the model's dtype."
     import torch, torch.nn.functional as F
-    head, dt = model.get_output_embeddings(), torch.promote_types(h.dtype, torch.float32)
     # bf16 logits keep 8 bits: two choices that differ in their last token often tie exactly, and a tie goes to the first
-    if type(head) is not torch.nn.Linear or head.weight.dtype == dt: return head(h).to(dt)
-    return F.linear(h.to(dt), head.weight.to(dt), None if head.bias is None else head.bias.to(dt))
+    w = head or scoring_head(model, h.dtype)
+    if w is None: return model.get_output_embeddings()(h).to(torch.promote_types(h.dtype, torch.float32))
+    return F.linear(h.to(w[0].dtype), *w)
 
 def packed_loglik(model,                     # a transformers causal LM (decoder + output embeddings)
                   rows: list[tuple],         # `(ctx, conts)` per row: context ids and each choice's ids
                   pad_id: int = 0,           # id written into the padding
-                  softmax_dtype=None):       # dtype of the log-softmax (None: fp32)
+                  softmax_dtype=None,        # dtype of the log-softmax (None: fp32)
+                  head=None):                # `scoring_head(model)`, cast once by the caller (None: cast here)
     "Per row, per choice `(log p(cont | ctx), cont is the greedy continuation)`, from one forward over the packed rows."
     import torch, torch.nn.functional as F
     packs = [pack_choices(list(c), [list(y) for y in ys]) for c, ys in rows]
@@ -263,7 +272,7 @@ def packed_loglik(model,                     # a transformers causal LM (decoder
     dev = model.device
     with torch.no_grad():
         h = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
-        logp = F.log_softmax(_scored_logits(model, h[r_idx, a_idx]), dim=-1, dtype=softmax_dtype or torch.float32)
+        logp = F.log_softmax(_scored_logits(model, h[r_idx, a_idx], head), dim=-1, dtype=softmax_dtype or torch.float32)
     tgt = torch.tensor([t for _, ys in rows for y in ys for t in y], device=logp.device)
     tok_lp, hit = logp.gather(-1, tgt[:, None])[:, 0], logp.argmax(-1) == tgt
     out, k = [], 0
@@ -369,11 +378,11 @@ def shared_prompt_lm():
             for i, (_, c, _) in enumerate(requests): groups.setdefault(tuple(c), []).append(i)
             order = sorted(groups, key=lambda c: -(len(c) + sum(len(requests[i][2]) for i in groups[c])))  # longest first
             bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
-            out = [None] * len(requests)
+            out, head = [None] * len(requests), scoring_head(self.model)   # one fp32 copy of the output layer per call
             for b in tqdm(range(0, len(order), bs), disable=disable_tqdm or self.rank != 0, desc="Packed log-likelihood rows"):
                 ctxs = order[b:b + bs]
                 res = packed_loglik(self.model, [(c, [requests[i][2] for i in groups[c]]) for c in ctxs],
-                                    self.tokenizer.pad_token_id or 0, self.softmax_dtype)
+                                    self.tokenizer.pad_token_id or 0, self.softmax_dtype, head)
                 for c, r in zip(ctxs, res):
                     for i, ans in zip(groups[c], r):
                         out[i] = ans; self.cache_hook.add_partial("loglikelihood", requests[i][0], ans)

@@ -49,6 +49,7 @@ class Profile:
     label_max_new_tokens: int = 128 # generation cap of the label tasks (a label is ≤ 5 tokens; paper: 128)
     bbh_max_new_tokens: int = 256 # generation cap on BBH (paper: 256)
     seeds: tuple = (0,)           # default seeds
+    table1_seeds: tuple | None = None  # seeds of Table 1, the main comparison (None: `seeds`)
     eval_batch_size: int = 16
     dtype: str = "float32"        # float32 | bfloat16 | auto (bf16 where the device has bf16 units: `resolve_dtype`)
     device: str = "cpu"
@@ -67,7 +68,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     # where the CPU has bf16 matrix units (training 2.5x faster in tests/bench_dtype.py on AVX512-BF16), else fp32
     Profile("cpu", "smollm2-135m", n_train=128, k=8, max_steps=4, lr=2e-3, max_length=256, eval_limit=30,
             gsm8k_limit=8, bbh_limit=2, max_new_tokens=96, label_max_new_tokens=16, bbh_max_new_tokens=24, eval_batch_size=16,
-            loglik_limit=320, dtype="auto",   # loglik: 0.043 s a row; 4 x 320 rows reach Table 1's 4-point MDE (table1_power)
+            loglik_limit=320, dtype="auto", table1_seeds=(0, 1),   # loglik: 0.043 s a row; 4 x 320 rows reach Table 1's 4-point MDE (table1_power)
             note="SmolLM2-135M offline on 2 CPU cores, whole paper in under 2 h; 8 samples per task per step; too small to separate most methods"),
     Profile("gpu", "smollm2-135m", n_train=None, k=4, max_steps=None, grad_accum=4, lr=2e-4, max_length=512,
             eval_limit=None, gsm8k_limit=None, bbh_limit=None, max_new_tokens=128, seeds=(0, 1, 2),
@@ -337,10 +338,13 @@ def mde(se: float,                 # standard error of the difference
 
 def rows_for_mde(sd_row: float,            # standard deviation of one row's paired difference (same units as target)
                  target: float,            # the minimum detectable effect wanted
-                 alpha: float = 0.05, power: float = 0.8) -> int:
-    "Paired rows a comparison needs so that its MDE (SE = sd_row/√n) is at most `target`: ⌈(z·sd/target)²⌉."
+                 fixed_se: float = 0.0,    # the part of the SE that more rows do not shrink (seed-to-seed spread)
+                 alpha: float = 0.05, power: float = 0.8) -> float:
+    """Paired rows a comparison needs so that its MDE (SE² = sd_row²/n + fixed_se²) is at most `target`:
+    ⌈z²·sd²/(target² − z²·fixed_se²)⌉; `inf` when `fixed_se` alone reaches the target (then seeds, not rows, are short)."""
     if not target > 0: raise ValueError(f"target must be > 0, got {target!r}")
-    return int(math.ceil((mde(sd_row, alpha, power) / target) ** 2))
+    room = target ** 2 - mde(fixed_se, alpha, power) ** 2
+    return float(math.ceil(mde(sd_row, alpha, power) ** 2 / room)) if room > 0 else math.inf
 
 def fmt_pm(mean: float, hw: float | None, scale: float = 100, nd: int = 1) -> str:
     "`81.9 ± 1.2` (or `81.9` without an interval)."
@@ -1044,7 +1048,7 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
     data = find_data(data_dir)   # checked before any notebook runs
     (results_dir / "notebooks").mkdir(parents=True, exist_ok=True); (results_dir / "logs").mkdir(exist_ok=True)
     kernel_env = {} if executor == "local" else {EXECUTOR_ENV: executor}   # each notebook's grid fills the cache there
-    params = dict(profile=p.name, seeds=list(seeds) if seeds else list(p.seeds),
+    params = dict(profile=p.name, seeds=list(seeds) if seeds else None,   # None: each notebook's own default
                   results_dir=_param_path(results_dir, "ALIGNLORA_RESULTS", root, kernel_env),
                   runs_dir=_param_path(runs_dir(runs_dir_), "ALIGNLORA_RUNS", root, kernel_env),
                   data_dir=_param_path(data, "ALIGNLORA_DATA", root, kernel_env) if data else "")
@@ -1063,7 +1067,7 @@ def reproduce(profile: str = "cpu",              # profile name (see PROFILES)
             new = pd.DataFrame(times)   # written after every notebook: a later failure keeps these times
             merged = pd.concat([old[~old.notebook.isin(new.notebook)], new]).sort_values("notebook").reset_index(drop=True)
             merged = merged.astype({"new_runs": "Int64", "new_evals": "Int64"})   # blank for rows written by older versions
-            write_table(merged, "walltimes", results_dir, provenance(p.name, model=p.model, seeds=params["seeds"]),
+            write_table(merged, "walltimes", results_dir, provenance(p.name, model=p.model, seeds=params["seeds"] or p.seeds),
                         title="Wall time per paper notebook",
                         notes="wall_s: the latest execution of each notebook; new_runs / new_evals: what it computed (0 = all "
                               "from the run cache, so its wall time is not a cold-cache figure).")

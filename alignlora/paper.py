@@ -224,7 +224,8 @@ def _folder(value: str, name: str) -> Path | None:
 _NOTEBOOK_LOG = contextlib.ExitStack()   # the kernel's library output, redirected for its lifetime
 
 def paper_context(profile: str = "cpu", seeds=None, data_dir: str = "", runs_dir: str = "", results_dir: str = "",
-                  model: str = "") -> PaperContext:
+                  model: str = "",
+                  main: bool = False) -> PaperContext:   # Table 1's notebook: seeds default to the profile's `table1_seeds`
     "Resolve a paper notebook's papermill parameters (relative folders are relative to the repository root)."
     p = get_profile(profile)
     rd = _folder(results_dir, "results_dir") or project_root() / "results" / p.name
@@ -233,7 +234,7 @@ def paper_context(profile: str = "cpu", seeds=None, data_dir: str = "", runs_dir
     data = _folder(data_dir, "data_dir") or _folder(os.environ.get("ALIGNLORA_DATA", ""), "$ALIGNLORA_DATA")
     log = os.environ.get(LOG_ENV)   # set by `reproduce`: bars, warnings and training logs go there, not into the notebook
     if log and not _NOTEBOOK_LOG._exit_callbacks: _NOTEBOOK_LOG.enter_context(library_output_to(log))
-    return PaperContext(profile=p, seeds=list(seeds) if seeds else list(p.seeds), results_dir=rd, runs_dir=str(runs),
+    return PaperContext(profile=p, seeds=list(seeds or (main and p.table1_seeds) or p.seeds), results_dir=rd, runs_dir=str(runs),
                         data_dir=str(data) if data else None, model=model or p.model,
                         shown_results=results_dir or f"results/{p.name}")
 

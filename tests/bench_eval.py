@@ -9,7 +9,10 @@ per subtask, <= 24 new tokens). Three evaluations of the same trained adapters, 
     that is fp32): `new` against it isolates the rewrites from the dtype;
   - `new`: `evaluate`'s rewrites (adapters merged where the weights are fp32, one packed forward per loglik row, a
     contiguous input to the output layer) and BBH's shared few-shot prefix computed once (`prefix_cache`), at the run's
-    dtype.
+    dtype;
+  - `new@<old dtype>`: the same rewrites over the `old` evaluation's weights (left out where that is the run's dtype).
+The pairs at one dtype (`old` / `new@<old dtype>`, `old@<dtype>` / `new`) give the rewrites' speed-up at that dtype,
+with their agreement row for row.
 Variants are interleaved per repeat (the CPU is shared; contention hits all alike); medians reported. Per call, the time
 spent in the decoder's forwards is split into prefill (> 1 token per row) and decode (1 token per row), with the tokens
 fed and the real (non-padding) ones; the rest is the output layer, log-softmax and lm-eval (task building, requests).
@@ -106,6 +109,7 @@ def main():
     models = {"old": (load_run(spec, a.runs, dtype=a.old_dtype), LM_EVAL_PATH)}
     if spec.dtype != a.old_dtype: models[f"old@{spec.dtype}"] = (load_run(spec, a.runs), LM_EVAL_PATH)
     models["new"] = (load_run(spec, a.runs), REWRITES)
+    if spec.dtype != a.old_dtype: models[f"new@{a.old_dtype}"] = (load_run(spec, a.runs, dtype=a.old_dtype), REWRITES)
     print(f"run {spec.label} ({spec.key}), dtype {spec.dtype}; old at {a.old_dtype}; {torch.get_num_threads()} threads", flush=True)
     timers = {v: Timer(m, t.pad_token_id) for v, ((m, t), _) in models.items()}
     sets = {"generate": make_eval("cpu", PAPER_TASKS, "generate"),
@@ -140,6 +144,17 @@ def main():
                 print(f"  {name}: {v} vs new, max |Δ log-likelihood| over all choices: "
                       f"{max(abs(x - y) for k in llo for x, y in zip(llo[k], lln[k])):.2e}")
     print(f"\n{'all':8s}  " + "  ".join(f"{v} {tot[v]:.1f} s ({tot[v] / tot['new']:.2f}x of new)" for v in models))
+    same_dtype = [(o, n) for o, n in (("old", f"new@{a.old_dtype}"), (f"old@{spec.dtype}", "new")) if o in models and n in models]
+    for o, n in same_dtype:   # the rewrites alone, at one dtype: speed-up and agreement
+        print(f"\nrewrites at one dtype: {o} against {n}")
+        for name in a.sets.split(","):
+            po, pn = first[name, o][0], first[name, n][0]
+            diff = sorted(k for k in po if po[k] != pn.get(k))
+            print(f"  {name:8s}: {statistics.median(walls[name, o]):6.1f} s / {statistics.median(walls[name, n]):6.1f} s = "
+                  f"{statistics.median(walls[name, o]) / statistics.median(walls[name, n]):.2f}x, identical {len(po) - len(diff)}/{len(po)}")
+            if n != "new":   # the new-dtype pair's differences are listed above
+                for k in diff: print(explain(name, k, first[name, o], first[name, n]))
+        print(f"  all     : {tot[o]:.1f} s / {tot[n]:.1f} s = {tot[o] / tot[n]:.2f}x")
     print("\nforward split of the last repeat (decoder forwards; 'rest' = output layer, log-softmax, lm-eval):")
     for (name, v), s in split.items():
         fw = s.get("prefill_s", 0) + s.get("decode_s", 0); w = walls[name, v][-1]
