@@ -625,12 +625,13 @@ class MultiTaskData(torch.utils.data.Dataset):
                    n: int | dict | None = None, # rows per task (an int, a dict name → int, or None for all)
                    seed: int = 0,              # subsampling seed
                    max_length: int = 512,      # see `encode`
-                   data_dir: str | Path | None = None):
+                   data_dir: str | Path | None = None,
+                   skip_long: bool = False):   # drop rows whose answer alone exceeds max_length (see `encode_many`)
         "Load, encode and stack the given tasks."
         enc = {}
         for name in names:
             nn = n.get(name) if isinstance(n, dict) else n
-            enc[name] = encode_many(load_task(name, split, n=nn, seed=seed, data_dir=data_dir), tokenizer, max_length)
+            enc[name] = encode_many(load_task(name, split, n=nn, seed=seed, data_dir=data_dir), tokenizer, max_length, skip_long=skip_long)
         return cls(enc)
 
     def __len__(self): return len(self.features)

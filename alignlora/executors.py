@@ -100,7 +100,7 @@ def _need(module: str, pip: str, executor: str):
 
 @dataclass
 class Outcome:
-    "What `fill` did: runs found cached, submitted, computed, and failed (label → error)."
+    "What `fill` did: runs found cached, submitted, computed, and failed (`label (key)` → error: labels alone can repeat)."
     cached: list = field(default_factory=list)
     submitted: list = field(default_factory=list)
     computed: list = field(default_factory=list)
@@ -112,8 +112,8 @@ class Outcome:
 def _finished(out: Outcome, job: Job, result: dict | None, error: str | None, i: int, n: int, say):
     "Record and announce one finished job (a line on screen, an event in the progress file)."
     label = job.spec.label
-    if error: out.failed[label] = error
-    elif result["status"] == "busy": out.failed[label] = result["error"]
+    if error: out.failed[f"{label} ({job.spec.key})"] = error   # one method and seed on two task sets share a label
+    elif result["status"] == "busy": out.failed[f"{label} ({job.spec.key})"] = result["error"]
     else: out.computed.append(label)
     ok = error is None and result["status"] != "busy"
     say(f"[grid] {i}/{n} {label}: " + (f"{result['status']} in {fmt_s(result['wall_s'])} on {result.get('host')}" if ok
