@@ -2,7 +2,7 @@
 
 The `cpu` profile's evaluation set, as `experiments._evaluate` runs it: `generate` on the 5-task mix (30 rows per label
 task at <= 16 new tokens, 8 GSM8K rows at <= 96), `loglik` on its four tasks with choices (320 rows each) and `bbh` (2 rows
-per subtask, <= 24 new tokens). Three evaluations of the same trained adapters, each on its own in-memory model:
+per subtask, <= 24 new tokens). Up to four evaluations of the same trained adapters, each on its own in-memory model:
   - `old`: lm-eval's `HFLM` on the unmerged adapters (merge, shared_prompt, prefix_cache, contiguous_head off) over fp32
     base weights: the evaluation before `dtype="auto"` and the rewrites below;
   - `old@<dtype>`: the same lm-eval path at the run's dtype (bf16 where the CPU has bf16 matrix units; left out where

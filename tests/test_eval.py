@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-DATA = os.environ.get("ALIGNLORA_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+DATA = os.environ.get("ALIGNLORA_DATA", "")   # conftest.py points it at ../shared/data when that exists
 pytestmark = pytest.mark.skipif(not Path(DATA, "piqa").exists(), reason=f"offline data folder {DATA} not found (set ALIGNLORA_DATA)")
 
 from alignlora import data as D
@@ -14,15 +13,19 @@ from alignlora.eval import evaluate, greedy_reference, stop_strings
 from alignlora.models import load_model
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def varied_tiny(seed):
     "The tiny model with matrices redrawn larger, so that greedy generations are varied text (not one repeated token)."
     m, tok = load_model("tiny")
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2: p.copy_(torch.randn(p.shape, generator=g) * 0.15)
     return m, tok
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return varied_tiny(1)
 
 
 def _samples(out):
@@ -132,11 +135,7 @@ def tiny_lora():
     "The varied tiny model with a `lora` adapter whose B is non-zero (a fresh adapter would be a no-op)."
     from alignlora.adapters import add_adapters, adapter_layers
     from alignlora.methods import get_method
-    m, tok = load_model("tiny")
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2: p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    m, tok = varied_tiny(2)
     torch.manual_seed(0); add_adapters(m, get_method("lora"))
     with torch.no_grad():
         for l in adapter_layers(m): l.lora_B.normal_(0, 0.1)
@@ -251,11 +250,7 @@ def saved_lora(tmp_path_factory):
     "The tiny model with weights redrawn, saved as a transformers folder (vLLM's `base`), then with a non-zero `lora`."
     from alignlora.adapters import add_adapters, adapter_layers
     from alignlora.methods import get_method
-    m, tok = load_model("tiny")
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2: p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    m, tok = varied_tiny(3)
     base = tmp_path_factory.mktemp("base")
     m.save_pretrained(base); tok.save_pretrained(base)
     torch.manual_seed(0); add_adapters(m, get_method("lora-r9"))
