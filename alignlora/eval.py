@@ -15,12 +15,12 @@ from .errors import check_int, nearest
 from .files import atomic_write
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'STOCK_YAML', 'BACKENDS', 'VLLM_LORA_RANKS', 'VLLM_PIP', 'PROBE', 'process_generation', 'tasks_dir',
-           'stock_yaml', 'expand_tasks', 'lm_task_name', 'write_rows', 'write_task_yaml', 'primary_metric',
+__all__ = ['PROTOCOLS', 'STOCK_YAML', 'SHORT_PREFIX', 'BACKENDS', 'VLLM_LORA_RANKS', 'VLLM_PIP', 'PROBE', 'process_generation',
+           'tasks_dir', 'stock_yaml', 'expand_tasks', 'lm_task_name', 'write_rows', 'write_task_yaml', 'primary_metric',
            'merged_adapters', 'contiguous_head', 'pack_choices', 'packed_mask', 'scoring_head', 'packed_loglik',
-           'prefix_groups', 'prefix_greedy', 'shared_prompt_lm', 'vllm_installed', 'vllm_lora_rank', 'vllm_model_args',
-           'vllm_command', 'check_vllm', 'pick_backend', 'lora_applied', 'check_lora_applied', 'evaluate',
-           'greedy_reference', 'stop_strings']
+           'prefix_groups', 'shared_prefixes', 'batch_greedy', 'prefix_greedy', 'shared_prompt_lm', 'vllm_installed',
+           'vllm_lora_rank', 'vllm_model_args', 'vllm_command', 'check_vllm', 'pick_backend', 'lora_applied',
+           'check_lora_applied', 'evaluate', 'greedy_reference', 'stop_strings']
 
 # %% ../nbs/05_eval.ipynb #3d2d554f
 def process_generation(doc: dict,      # one row of the task's JSONL (see `write_rows`)
@@ -232,14 +232,14 @@ def packed_mask(seg: list[int]):  # segment of each packed token (0: the shared 
 
 
 # %% ../nbs/05_eval.ipynb #f73b9aa0
-def _packed_batch(packs, pad_id: int, dtype):
-    "Right-padded ids, positions and an additive `[B, 1, L, L]` mask of `pack_choices` rows (padding sees token 0)."
+def _packed_batch(packs, pad_id: int, dtype, prefix_len: int = 0):
+    "Right-padded ids, positions and an additive `[B, 1, L, prefix_len + L]` mask of `pack_choices` rows after a shared prefix."
     import torch
-    B, L = len(packs), max(len(p[0]) for p in packs)
+    B, L, P = len(packs), max(len(p[0]) for p in packs), prefix_len
     ids = torch.full((B, L), pad_id, dtype=torch.long); pos = torch.zeros((B, L), dtype=torch.long)
-    see = torch.zeros((B, 1, L, L), dtype=torch.bool); see[:, 0, :, 0] = True
+    see = torch.zeros((B, 1, L, P + L), dtype=torch.bool); see[:, 0, :, :max(P, 1)] = True   # the prefix (or token 0): seen by all
     for r, (t, p, s, _) in enumerate(packs):
-        n = len(t); ids[r, :n] = torch.tensor(t); pos[r, :n] = torch.tensor(p); see[r, 0, :n, :n] = packed_mask(s)
+        n = len(t); ids[r, :n] = torch.tensor(t); pos[r, :n] = torch.tensor(p) + P; see[r, 0, :n, P:P + n] = packed_mask(s)
     return ids, pos, torch.zeros(see.shape, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)
 
 def scoring_head(model, dtype=None):
@@ -262,16 +262,19 @@ def packed_loglik(model,                     # a transformers causal LM (decoder
                   rows: list[tuple],         # `(ctx, conts)` per row: context ids and each choice's ids
                   pad_id: int = 0,           # id written into the padding
                   softmax_dtype=None,        # dtype of the log-softmax (None: fp32)
-                  head=None):                # `scoring_head(model)`, cast once by the caller (None: cast here)
-    "Per row, per choice `(log p(cont | ctx), cont is the greedy continuation)`, from one forward over the packed rows."
+                  head=None,                 # `scoring_head(model)`, cast once by the caller (None: cast here)
+                  prefix: tuple = ()):       # token ids before every row's context (its keys and values run once)
+    "Per row, per choice `(log p(cont | prefix + ctx), cont is the greedy continuation)`, from one forward over the packed rows."
     import torch, torch.nn.functional as F
     packs = [pack_choices(list(c), [list(y) for y in ys]) for c, ys in rows]
-    ids, pos, mask = _packed_batch(packs, pad_id, model.dtype)
+    ids, pos, mask = _packed_batch(packs, pad_id, model.dtype, len(prefix))
     r_idx = [r for r, p in enumerate(packs) for at in p[3] for _ in at]
     a_idx = [a for p in packs for at in p[3] for a in at]
     dev = model.device
     with torch.no_grad():
-        h = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
+        past = _prefix_cache(model, [tuple(prefix)] * len(rows), len(prefix)) if prefix else None
+        h = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                                past_key_values=past).last_hidden_state
         logp = F.log_softmax(_scored_logits(model, h[r_idx, a_idx], head), dim=-1, dtype=softmax_dtype or torch.float32)
     tgt = torch.tensor([t for _, ys in rows for y in ys for t in y], device=logp.device)
     tok_lp, hit = logp.gather(-1, tgt[:, None])[:, 0], logp.argmax(-1) == tgt
@@ -294,28 +297,57 @@ def prefix_groups(ids: list[list[int]],   # each request's context token ids
         else: groups.append([len(ids[i]), [i]])
     return [(min(p, min(len(ids[i]) for i in g) - 1), g) for p, g in groups if len(g) > 1]
 
+SHORT_PREFIX = 8   # a task's instruction: contexts outside a long shared prefix still share their first ≥ this many tokens
+
+def shared_prefixes(ids: list[list[int]],        # each request's context token ids
+                    long_min: int = 64) -> dict:  # a long shared prefix (few-shot examples) first, by ≥ this many tokens
+    "`{request index: prefix tuple}`: `prefix_groups` by ≥ `long_min` tokens, then the rest by ≥ `SHORT_PREFIX`; absent: none."
+    pre = {}
+    for least in (long_min, SHORT_PREFIX):
+        rest = [j for j in range(len(ids)) if j not in pre]
+        for p, g in prefix_groups([ids[j] for j in rest], least):
+            for j in g: pre[rest[j]] = tuple(ids[rest[j]][:p])
+    return pre
+
 
 # %% ../nbs/05_eval.ipynb #f03f2a44
-def prefix_greedy(model,                      # a transformers causal LM
-                  prefix: list[int],          # the shared leading context tokens
-                  suffixes: list[list[int]],  # each row's remaining context tokens (≥ 1 each)
-                  max_new: int,               # generation cap
-                  done,                       # `done(tokens) -> bool`: the row's generation is complete
-                  pad_id: int = 0) -> list[list[int]]:
-    "Greedy continuations of `prefix + suffix` per row; the prefix's keys and values computed once, finished rows dropped."
+def _prefix_cache(model, prefixes: list[tuple], width: int):
+    "A `DynamicCache` of each row's prefix keys and values, left-padded with zeros to `width`; each distinct prefix run once."
+    import torch, torch.nn.functional as F
+    from transformers import DynamicCache
+    kv = {p: model(input_ids=torch.tensor([p], device=model.device), use_cache=True, logits_to_keep=1).past_key_values
+          for p in dict.fromkeys(prefixes) if p}
+    some, cache = next(iter(kv.values())), DynamicCache()
+    def padded(p, l, part):   # [1, heads, width, dim]; a row with no prefix: zeros (masked)
+        t = getattr(some.layers[l], part)
+        if not p: return t.new_zeros(1, t.shape[1], width, t.shape[3])
+        return F.pad(getattr(kv[p].layers[l], part), (0, 0, width - len(p), 0))
+    for l in range(len(some.layers)):
+        cache.update(torch.cat([padded(p, l, "keys") for p in prefixes]), torch.cat([padded(p, l, "values") for p in prefixes]), l)
+    return cache
+
+def batch_greedy(model,                  # a transformers causal LM
+                 rows: list[tuple],      # `(prefix, suffix)` token ids per row; rows may share a prefix, or have none
+                 max_new: int,           # generation cap
+                 done,                   # `done(tokens) -> bool`: the row's generation is complete
+                 pad_id: int = 0) -> list[list[int]]:
+    "Greedy continuations of `prefix + suffix` per row, in one batch; each distinct prefix runs once, finished rows are dropped."
     import torch
-    dev, n, p, S = model.device, len(suffixes), len(prefix), max(map(len, suffixes))
-    ids = torch.full((n, S), pad_id, dtype=torch.long); pos = torch.full((n, S), p, dtype=torch.long)
-    mask = torch.zeros((n, p + S), dtype=torch.long); mask[:, :p] = 1   # [prefix | padding | suffix]: positions as unpadded
-    for r, s in enumerate(suffixes):
-        ids[r, S - len(s):] = torch.tensor(s); pos[r, S - len(s):] = torch.arange(p, p + len(s)); mask[r, p + S - len(s):] = 1
+    dev, n = model.device, len(rows)
+    pre, suf = [tuple(p) for p, _ in rows], [list(s) for _, s in rows]
+    P, S = max(map(len, pre)), max(map(len, suf))
+    ids = torch.full((n, S), pad_id, dtype=torch.long); pos = torch.zeros((n, S), dtype=torch.long)
+    mask = torch.zeros((n, P + S), dtype=torch.long)   # [padding | prefix | padding | suffix]: positions as unpadded
+    for r, (p, s) in enumerate(zip(pre, suf)):
+        mask[r, P - len(p):P] = 1; mask[r, P + S - len(s):] = 1
+        ids[r, S - len(s):] = torch.tensor(s); pos[r, S - len(s):] = torch.arange(len(p), len(p) + len(s))
     ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
-    nxt = torch.tensor([p + len(s) for s in suffixes], device=dev)
+    nxt = torch.tensor([len(p) + len(s) for p, s in zip(pre, suf)], device=dev)
     gen, live = [[] for _ in range(n)], list(range(n))
     with torch.no_grad():
-        cache = model(input_ids=torch.tensor([prefix], device=dev), use_cache=True).past_key_values
-        cache.batch_repeat_interleave(n)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    past_key_values=_prefix_cache(model, pre, P) if P else None)
+        cache, logits = out.past_key_values, out.logits[:, -1]
         while live:
             tok = logits.argmax(-1)
             for j, r in enumerate(live): gen[r].append(int(tok[j]))
@@ -330,10 +362,14 @@ def prefix_greedy(model,                      # a transformers causal LM
             nxt = nxt + 1
     return gen
 
+def prefix_greedy(model, prefix: list[int], suffixes: list[list[int]], max_new: int, done, pad_id: int = 0) -> list[list[int]]:
+    "`batch_greedy` of rows sharing one `prefix`."
+    return batch_greedy(model, [(prefix, s) for s in suffixes], max_new, done, pad_id)
+
 
 # %% ../nbs/05_eval.ipynb #f7955c36
 def _prefix_generate(self, args: list[tuple]) -> dict:
-    "`{request index: text}` for the requests (same gen_kwargs) whose contexts `prefix_groups` groups; the rest are left out."
+    "`{request index: text}` of greedy requests (same gen_kwargs) by `batch_greedy`; `{}` for sampling (lm-eval's path)."
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
     kw = normalize_gen_kwargs(dict(args[0][1]), self.max_gen_toks)
     until = handle_stop_sequences(kw.pop("until", None), eos=self.tok_decode(self.eot_token_id, skip_special_tokens=False))
@@ -345,29 +381,29 @@ def _prefix_generate(self, args: list[tuple]) -> dict:
     done = lambda t: t[-1] in eos or any(u in self.tok_decode(t) for u in stops)   # what ends the row in HF + lm-eval
     ids = [self.tok_batch_encode([c], left_truncate_len=self.max_length - max_new, truncation=self.truncation)[0][0].tolist()
            for c, _ in args]
+    pre = shared_prefixes(ids, self.prefix_min)
+    order = sorted(range(len(ids)), key=lambda j: (pre.get(j, ()), len(ids[j])))   # a prefix's rows together, by length
     bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
     out = {}
-    for p, g in prefix_groups(ids, self.prefix_min):
-        for b in range(0, len(g), bs):
-            part = g[b:b + bs]
-            gens = prefix_greedy(self.model, ids[part[0]][:p], [ids[j][p:] for j in part], max_new, done,
-                                 self.tokenizer.pad_token_id or 0)
-            for j, t in zip(part, gens):
-                out[j] = postprocess_generated_text(self.tok_decode(t), until, None)
-                self.cache_hook.add_partial("generate_until", args[j], out[j])
+    for b in range(0, len(order), bs):
+        part = order[b:b + bs]
+        rows = [(pre.get(j, ()), ids[j][len(pre.get(j, ())):]) for j in part]
+        for j, t in zip(part, batch_greedy(self.model, rows, max_new, done, self.tokenizer.pad_token_id or 0)):
+            out[j] = postprocess_generated_text(self.tok_decode(t), until, None)
+            self.cache_hook.add_partial("generate_until", args[j], out[j])
     return out
 
 
 # %% ../nbs/05_eval.ipynb #d3f6c31d
 @functools.cache
 def shared_prompt_lm():
-    "lm-eval's `HFLM`: log-likelihoods by `packed_loglik`; with `prefix_min` set, greedy generation by `prefix_greedy`."
+    "lm-eval's `HFLM`: log-likelihoods by `packed_loglik`; with `prefix_min` set, shared prefixes run once and greedy generation is `batch_greedy`'s."
     from lm_eval.models.huggingface import HFLM
     from tqdm.auto import tqdm
 
     class SharedPromptLM(HFLM):
         packed: bool = True             # loglik: one packed forward per context (False: HFLM's requests)
-        prefix_min: int | None = None   # generate: contexts sharing ≥ this many leading tokens share their KV cache
+        prefix_min: int | None = None   # set: contexts' shared prefixes run once (`shared_prefixes`); greedy by `batch_greedy`
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             impl = getattr(self.model.config, "_attn_implementation", None)
@@ -376,14 +412,19 @@ def shared_prompt_lm():
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
             groups: dict = {}
             for i, (_, c, _) in enumerate(requests): groups.setdefault(tuple(c), []).append(i)
-            order = sorted(groups, key=lambda c: -(len(c) + sum(len(requests[i][2]) for i in groups[c])))  # longest first
+            ctxs, by_prefix = list(groups), {}
+            pre = shared_prefixes([list(c) for c in ctxs], self.prefix_min) if self.prefix_min else {}
+            for j, c in enumerate(ctxs): by_prefix.setdefault(pre.get(j, ()), []).append(c)
             bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
+            batches = []
+            for p, cs in by_prefix.items():   # a batch shares one prefix; longest rows first
+                cs.sort(key=lambda c: -(len(c) + sum(len(requests[i][2]) for i in groups[c])))
+                batches += [(p, cs[b:b + bs]) for b in range(0, len(cs), bs)]
             out, head = [None] * len(requests), scoring_head(self.model)   # one fp32 copy of the output layer per call
-            for b in tqdm(range(0, len(order), bs), disable=disable_tqdm or self.rank != 0, desc="Packed log-likelihood rows"):
-                ctxs = order[b:b + bs]
-                res = packed_loglik(self.model, [(c, [requests[i][2] for i in groups[c]]) for c in ctxs],
-                                    self.tokenizer.pad_token_id or 0, self.softmax_dtype, head)
-                for c, r in zip(ctxs, res):
+            for p, cb in tqdm(batches, disable=disable_tqdm or self.rank != 0, desc="Packed log-likelihood rows"):
+                res = packed_loglik(self.model, [(c[len(p):], [requests[i][2] for i in groups[c]]) for c in cb],
+                                    self.tokenizer.pad_token_id or 0, self.softmax_dtype, head, p)
+                for c, r in zip(cb, res):
                     for i, ans in zip(groups[c], r):
                         out[i] = ans; self.cache_hook.add_partial("loglikelihood", requests[i][0], ans)
             return out
@@ -397,7 +438,7 @@ def shared_prompt_lm():
                 shared = self._prefix_generate([requests[i].args for i in idxs])
                 for j, s in shared.items(): out[idxs[j]] = s
                 rest += [i for j, i in enumerate(idxs) if j not in shared]
-            if rest:   # contexts with no shared prefix: lm-eval's batched generation
+            if rest:   # sampled generations: lm-eval's batched generation
                 for i, s in zip(rest, super().generate_until([requests[i] for i in rest], disable_tqdm)): out[i] = s
             return out
     SharedPromptLM._prefix_generate = _prefix_generate
@@ -448,6 +489,7 @@ def _make_lm(model, tokenizer, batch_size, progress, shared_prompt, prefix_cache
     import torch
     from lm_eval.models.huggingface import HFLM
     # log-likelihoods from an fp32 softmax on any model dtype (bf16 logits tie and flip choices)
+    if prefix_cache is None: prefix_cache = model.dtype in (torch.float32, torch.float64)   # exact up to fp32 rounding
     LM = shared_prompt_lm() if shared_prompt or prefix_cache else HFLM
     lm = LM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
     if LM is not HFLM: lm.packed, lm.prefix_min = shared_prompt, (64 if prefix_cache else None)
@@ -673,7 +715,7 @@ def evaluate(model,                        # an in-memory transformers causal LM
              progress: bool = True,        # show lm-eval's progress bars over requests
              merge: bool = True,           # fold static adapters into the base weights for the call (`merged_adapters`)
              shared_prompt: bool = True,   # loglik: one packed forward per row (`shared_prompt_lm`)
-             prefix_cache: bool = False,   # generate: a prefix shared by ≥ 64 tokens is computed once (`prefix_greedy`)
+             prefix_cache: bool | None = None,  # generate by `batch_greedy`, shared prefixes run once (None: on fp32 weights)
              contiguous_head: bool = True, # the output layer's input made contiguous (`contiguous_head`)
              backend: str = "hf",          # 'hf': lm-eval's HFLM on the in-memory model; 'vllm': base + PEFT LoRA in vLLM
              base: str | None = None) -> dict:  # vllm: the base model it loads (None: `model.config._name_or_path`)

@@ -37,7 +37,7 @@ from alignlora.eval import evaluate
 from alignlora.experiments import load_run, make_eval, make_spec, run
 
 LM_EVAL_PATH = dict(merge=False, shared_prompt=False, prefix_cache=False, contiguous_head=False)   # lm-eval's HFLM as it is
-REWRITES = dict(prefix_cache=True)                                          # evaluate's defaults + the prefix cache
+REWRITES = dict()            # evaluate's defaults: what `experiments.run` evaluates with (prefix_cache: on fp32 weights)
 
 
 class Timer:
