@@ -263,7 +263,8 @@ def packed_loglik(model,                     # a transformers causal LM (decoder
                   pad_id: int = 0,           # id written into the padding
                   softmax_dtype=None,        # dtype of the log-softmax (None: fp32)
                   head=None,                 # `scoring_head(model)`, cast once by the caller (None: cast here)
-                  prefix: tuple = ()):       # token ids before every row's context (its keys and values run once)
+                  prefix: tuple = (),        # token ids before every row's context (its keys and values run once)
+                  memo: dict | None = None): # prefixes' caches kept across calls (`_prefix_cache`)
     "Per row, per choice `(log p(cont | prefix + ctx), cont is the greedy continuation)`, from one forward over the packed rows."
     import torch, torch.nn.functional as F
     packs = [pack_choices(list(c), [list(y) for y in ys]) for c, ys in rows]
@@ -272,7 +273,7 @@ def packed_loglik(model,                     # a transformers causal LM (decoder
     a_idx = [a for p in packs for at in p[3] for a in at]
     dev = model.device
     with torch.no_grad():
-        past = _prefix_cache(model, [tuple(prefix)] * len(rows), len(prefix)) if prefix else None
+        past = _prefix_cache(model, [tuple(prefix)] * len(rows), len(prefix), memo) if prefix else None
         h = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                                 past_key_values=past).last_hidden_state
         logp = F.log_softmax(_scored_logits(model, h[r_idx, a_idx], head), dim=-1, dtype=softmax_dtype or torch.float32)
@@ -311,13 +312,15 @@ def shared_prefixes(ids: list[list[int]],        # each request's context token 
 
 
 # %% ../nbs/05_eval.ipynb #f03f2a44
-def _prefix_cache(model, prefixes: list[tuple], width: int):
+def _prefix_cache(model, prefixes: list[tuple], width: int, memo: dict | None = None):
     "A `DynamicCache` of each row's prefix keys and values, left-padded with zeros to `width`; each distinct prefix run once."
     import torch, torch.nn.functional as F
     from transformers import DynamicCache
-    kv = {p: model(input_ids=torch.tensor([p], device=model.device), use_cache=True, logits_to_keep=1).past_key_values
-          for p in dict.fromkeys(prefixes) if p}
-    some, cache = next(iter(kv.values())), DynamicCache()
+    kv = {} if memo is None else memo   # `{prefix: its cache}`, kept by the caller across batches
+    for p in dict.fromkeys(prefixes):
+        if p and p not in kv:
+            kv[p] = model(input_ids=torch.tensor([p], device=model.device), use_cache=True, logits_to_keep=1).past_key_values
+    some, cache = kv[next(p for p in prefixes if p)], DynamicCache()
     def padded(p, l, part):   # [1, heads, width, dim]; a row with no prefix: zeros (masked)
         t = getattr(some.layers[l], part)
         if not p: return t.new_zeros(1, t.shape[1], width, t.shape[3])
@@ -330,7 +333,8 @@ def batch_greedy(model,                  # a transformers causal LM
                  rows: list[tuple],      # `(prefix, suffix)` token ids per row; rows may share a prefix, or have none
                  max_new: int,           # generation cap
                  done,                   # `done(tokens) -> bool`: the row's generation is complete
-                 pad_id: int = 0) -> list[list[int]]:
+                 pad_id: int = 0,
+                 memo: dict | None = None) -> list[list[int]]:  # prefixes' caches kept across calls (`_prefix_cache`)
     "Greedy continuations of `prefix + suffix` per row, in one batch; each distinct prefix runs once, finished rows are dropped."
     import torch
     dev, n = model.device, len(rows)
@@ -346,7 +350,7 @@ def batch_greedy(model,                  # a transformers causal LM
     gen, live = [[] for _ in range(n)], list(range(n))
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                    past_key_values=_prefix_cache(model, pre, P) if P else None)
+                    past_key_values=_prefix_cache(model, pre, P, memo) if P else None)
         cache, logits = out.past_key_values, out.logits[:, -1]
         while live:
             tok = logits.argmax(-1)
@@ -382,13 +386,18 @@ def _prefix_generate(self, args: list[tuple]) -> dict:
     ids = [self.tok_batch_encode([c], left_truncate_len=self.max_length - max_new, truncation=self.truncation)[0][0].tolist()
            for c, _ in args]
     pre = shared_prefixes(ids, self.prefix_min)
-    order = sorted(range(len(ids)), key=lambda j: (pre.get(j, ()), len(ids[j])))   # a prefix's rows together, by length
+    suffix = lambda j: len(ids[j]) - len(pre.get(j, ()))
+    long = lambda j: pre.get(j, ()) if len(pre.get(j, ())) >= self.prefix_min else ()
+    widest: dict = {}
+    for j in range(len(ids)): widest[long(j)] = max(widest.get(long(j), 0), suffix(j))
+    # a long prefix's rows together (it runs once), its group placed by its longest suffix; the rest by suffix length
+    order = sorted(range(len(ids)), key=lambda j: (long(j) != (), widest[long(j)] if long(j) else 0, long(j), suffix(j)))
     bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
-    out = {}
+    out, memo = {}, {}
     for b in range(0, len(order), bs):
         part = order[b:b + bs]
         rows = [(pre.get(j, ()), ids[j][len(pre.get(j, ())):]) for j in part]
-        for j, t in zip(part, batch_greedy(self.model, rows, max_new, done, self.tokenizer.pad_token_id or 0)):
+        for j, t in zip(part, batch_greedy(self.model, rows, max_new, done, self.tokenizer.pad_token_id or 0, memo)):
             out[j] = postprocess_generated_text(self.tok_decode(t), until, None)
             self.cache_hook.add_partial("generate_until", args[j], out[j])
     return out
@@ -420,10 +429,10 @@ def shared_prompt_lm():
             for p, cs in by_prefix.items():   # a batch shares one prefix; longest rows first
                 cs.sort(key=lambda c: -(len(c) + sum(len(requests[i][2]) for i in groups[c])))
                 batches += [(p, cs[b:b + bs]) for b in range(0, len(cs), bs)]
-            out, head = [None] * len(requests), scoring_head(self.model)   # one fp32 copy of the output layer per call
+            out, head, memo = [None] * len(requests), scoring_head(self.model), {}   # one fp32 output layer per call
             for p, cb in tqdm(batches, disable=disable_tqdm or self.rank != 0, desc="Packed log-likelihood rows"):
                 res = packed_loglik(self.model, [(c[len(p):], [requests[i][2] for i in groups[c]]) for c in cb],
-                                    self.tokenizer.pad_token_id or 0, self.softmax_dtype, head, p)
+                                    self.tokenizer.pad_token_id or 0, self.softmax_dtype, head, p, memo)
                 for c, r in zip(cb, res):
                     for i, ans in zip(groups[c], r):
                         out[i] = ans; self.cache_hook.add_partial("loglikelihood", requests[i][0], ans)

@@ -155,6 +155,9 @@ def main():
             if n != "new":   # the new-dtype pair's differences are listed above
                 for k in diff: print(explain(name, k, first[name, o], first[name, n]))
         print(f"  all     : {tot[o]:.1f} s / {tot[n]:.1f} s = {tot[o] / tot[n]:.2f}x")
+        if "loglik" in a.sets.split(","):   # what the rewrites could reach at this dtype: loglik's prefill is compute-bound
+            print(f"  bound   : were generation free, {tot[o]:.1f} s / {statistics.median(walls['loglik', n]):.1f} s (loglik "
+                  f"alone) = {tot[o] / statistics.median(walls['loglik', n]):.2f}x at most")
     print("\nforward split of the last repeat (decoder forwards; 'rest' = output layer, log-softmax, lm-eval):")
     for (name, v), s in split.items():
         fw = s.get("prefill_s", 0) + s.get("decode_s", 0); w = walls[name, v][-1]
