@@ -7,12 +7,13 @@ per subtask, <= 24 new tokens). Up to four evaluations of the same trained adapt
     base weights: the evaluation before `dtype="auto"` and the rewrites below;
   - `old@<dtype>`: the same lm-eval path at the run's dtype (bf16 where the CPU has bf16 matrix units; left out where
     that is fp32): `new` against it isolates the rewrites from the dtype;
-  - `new`: `evaluate`'s rewrites (adapters merged where the weights are fp32, one packed forward per loglik row, a
-    contiguous input to the output layer) and BBH's shared few-shot prefix computed once (`prefix_cache`), at the run's
-    dtype;
-  - `new@<old dtype>`: the same rewrites over the `old` evaluation's weights (left out where that is the run's dtype).
+  - `new`: `evaluate`'s defaults at the run's dtype, what `experiments.run` evaluates with: one packed forward per
+    loglik row and a contiguous input to the output layer; where the weights are fp32 also the adapters merged and
+    `prefix_cache` (shared prefixes run once, greedy generation by `batch_greedy`);
+  - `new@<old dtype>`: the same defaults over the `old` evaluation's weights (left out where that is the run's dtype).
 The pairs at one dtype (`old` / `new@<old dtype>`, `old@<dtype>` / `new`) give the rewrites' speed-up at that dtype,
-with their agreement row for row.
+with their agreement row for row, and a bound on it: loglik's prefill runs at the machine's matrix rate, so even with
+generation free the speed-up is at most old's total over new's loglik time.
 Variants are interleaved per repeat (the CPU is shared; contention hits all alike); medians reported. Per call, the time
 spent in the decoder's forwards is split into prefill (> 1 token per row) and decode (1 token per row), with the tokens
 fed and the real (non-padding) ones; the rest is the output layer, log-softmax and lm-eval (task building, requests).
@@ -145,6 +146,7 @@ def main():
                       f"{max(abs(x - y) for k in llo for x, y in zip(llo[k], lln[k])):.2e}")
     print(f"\n{'all':8s}  " + "  ".join(f"{v} {tot[v]:.1f} s ({tot[v] / tot['new']:.2f}x of new)" for v in models))
     same_dtype = [(o, n) for o, n in (("old", f"new@{a.old_dtype}"), (f"old@{spec.dtype}", "new")) if o in models and n in models]
+    if spec.dtype == a.old_dtype: same_dtype = [("old", "new")]   # no bf16 units: old and new share the dtype
     for o, n in same_dtype:   # the rewrites alone, at one dtype: speed-up and agreement
         print(f"\nrewrites at one dtype: {o} against {n}")
         for name in a.sets.split(","):
