@@ -2,8 +2,8 @@
 
 Sections, each timed and guarded (a failing section is reported with its error, the others still run; the exit
 code is non-zero if any section failed):
-  1. environment: versions, device, CUDA capability, flash_attn / liger_kernel, measured bf16 `torch.mm` peak
-  2. a few bf16 training steps of every method preset (alignment included) at SmolLM2-135M and Qwen2.5-3B shape,
+  1. environment: versions, device, CUDA capability, flash_attn / liger_kernel, measured `torch.mm` peak at the dtype
+  2. a few training steps (bf16 base, or fp32 on a CPU without bf16 matrix units: `--dtype auto`) of every method preset (alignment included) at SmolLM2-135M and Qwen2.5-3B shape,
      random init from the shipped configs (no download), packed batches, `AlignTrainer`'s loss, fp32 adapters
   3. `segment_sdpa` (packed) vs stock `sdpa` on each sequence separately: logits and adapter gradients
   4. the varlen packed-attention kernels (`packed_attention_backend`) vs the loop: equality and ms per fwd+bwd
@@ -136,21 +136,23 @@ def env_section(a, ctx) -> list[dict]:
         rows.append(dict(item=f"{pkg} importable", value=importlib.util.find_spec(pkg) is not None))
     from alignlora.train import packed_attention_backend
     rows.append(dict(item="packed attention (auto)", value=packed_attention_backend(dev)))
+    rows.append(dict(item="training dtype", value=str(a.dtype).removeprefix("torch.")))
     n = 512 if a.quick else 4096
-    x, y = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    x, y = (torch.randn(n, n, device=dev, dtype=a.dtype) for _ in range(2))
     t = timed_median(lambda: torch.mm(x, y), dev, warmup=2, reps=5 if a.quick else 10)
     ctx["peak"] = 2 * n ** 3 / t
-    rows.append(dict(item=f"bf16 torch.mm peak ({n}², median)", value=f"{ctx['peak'] / 1e12:.3f} TFLOP/s"))
+    rows.append(dict(item=f"{str(a.dtype).removeprefix('torch.')} torch.mm peak ({n}², median)",
+                     value=f"{ctx['peak'] / 1e12:.3f} TFLOP/s"))
     return rows
 
 
 def steps_section(a, ctx) -> list[dict]:
-    "A few bf16 optimizer steps of every method preset at every shape, on one fixed packed micro-batch."
+    "A few optimizer steps (base at the training dtype) of every method preset at every shape, on one packed micro-batch."
     from alignlora.methods import METHODS
     from alignlora.train import PAPER_TRAINING
     rows, bad = [], []
     for shape in a.shapes:
-        base = base_model(shape, a.device, torch.bfloat16, a.quick)
+        base = base_model(shape, a.device, a.dtype, a.quick)
         packed, _, k, n_tasks, _ = batches(base.config.vocab_size, a.quick)
         b = to_device(packed, a.device)
         for name in METHODS:
@@ -158,7 +160,7 @@ def steps_section(a, ctx) -> list[dict]:
             m = tr = opt = None
             try:
                 m, meth = with_method(base, name); m.train()
-                tr = trainer_for(m, meth, k, n_tasks, a.device)
+                tr = trainer_for(m, meth, k, n_tasks, a.device, bf16=a.dtype == torch.bfloat16)
                 params = [p for p in m.parameters() if p.requires_grad]
                 opt = torch.optim.AdamW(params, lr=PAPER_TRAINING["learning_rate"])
                 losses, t0 = [], time.perf_counter()
@@ -294,11 +296,11 @@ def eval_section(a, ctx) -> list[dict]:
 
 
 def throughput_section(a, ctx) -> list[dict]:
-    "Tokens/s and MFU (6·N·real tokens over the measured bf16 peak) of ours vs stock PEFT (± liger FLCE)."
+    "Tokens/s and MFU (6·N·real tokens over the measured peak at the training dtype) of ours vs stock PEFT (± liger FLCE)."
     from peft import LoraConfig, get_peft_model
     from alignlora.methods import get_method
     from alignlora.train import packed_attention_backend
-    if "peak" not in ctx: raise Skip("no measured bf16 peak (the environment section failed)")
+    if "peak" not in ctx: raise Skip("no measured torch.mm peak (the environment section failed)")
     dev = torch.device(a.device); lora = get_method("lora").adapter
     rows, liger_todo = [], []
     def measure(row, step, real, n):
@@ -310,14 +312,14 @@ def throughput_section(a, ctx) -> list[dict]:
                                                                target_modules=list(lora.target_modules)))
     def peft_step(m, b):
         def step():
-            with torch.autocast(dev.type, dtype=torch.bfloat16): loss = m(**b).loss
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == torch.bfloat16): loss = m(**b).loss
             loss.backward(); m.zero_grad(set_to_none=True)
         return step
     for shape in a.shapes:
-        base = base_model(shape, dev, torch.bfloat16, a.quick); n = matmul_params(base)
+        base = base_model(shape, dev, a.dtype, a.quick); n = matmul_params(base)
         packed, padded, k, n_tasks, _ = batches(base.config.vocab_size, a.quick)
         real = int(padded["attention_mask"].sum())
-        m, meth = with_method(base, "lora"); m.train(); tr = trainer_for(m, meth, k, n_tasks, dev)
+        m, meth = with_method(base, "lora"); m.train(); tr = trainer_for(m, meth, k, n_tasks, dev, bf16=a.dtype == torch.bfloat16)
         b = to_device(packed, dev)
         def ours():
             loss_of(tr, m, b).backward(); m.zero_grad(set_to_none=True)
@@ -351,14 +353,14 @@ def throughput_section(a, ctx) -> list[dict]:
     return rows
 
 
-SECTIONS = [("Environment", env_section), ("bf16 training steps of every method", steps_section),
+SECTIONS = [("Environment", env_section), ("Training steps of every method", steps_section),
             ("segment_sdpa vs stock sdpa", sdpa_section), ("Varlen packed attention vs the loop", varlen_section),
             ("One evaluation batch", eval_section), ("Tokens/s and MFU vs stock PEFT", throughput_section)]
 
 
 # ------------------------------------------------------------------------------------------------------------ report
 NOTES = {
-    "bf16 training steps of every method": "bf16 base, fp32 adapters, `AlignTrainer.compute_loss` (LM + λ·align) on one "
+    "Training steps of every method": "Base at the training dtype (bf16; fp32 on a CPU without bf16 units), fp32 adapters, `AlignTrainer.compute_loss` (LM + λ·align) on one "
         "packed micro-batch of random tokens, AdamW at the paper's learning rate; `decreased` is informational (the "
         "check is: finite losses, fp32 adapters).",
     "segment_sdpa vs stock sdpa": "Packed batch through `segment_sdpa` vs every sequence alone through stock sdpa "
@@ -367,9 +369,9 @@ NOTES = {
     "Varlen packed attention vs the loop": "One packed stream of the shape's heads (random q, k, v); loss = Σ out². "
         "Same tolerances as above.",
     "Tokens/s and MFU vs stock PEFT": "Forward + backward of one micro-batch (no optimizer step), median; tokens = real "
-        "(non-padding) tokens; MFU = 6·N·tokens / time / measured bf16 `torch.mm` peak, N = non-embedding weights "
+        "(non-padding) tokens; MFU = 6·N·tokens / time / measured `torch.mm` peak at the training dtype, N = non-embedding weights "
         "(the LM head excluded). Stock PEFT: `get_peft_model` with the same rank, α, dropout and targets, on the padded batch "
-        "with full logits, under bf16 autocast.",
+        "with full logits, under bf16 autocast (none in fp32).",
 }
 def md_table(rows: list[dict]) -> str:
     if not rows: return "_(no rows)_\n"
@@ -380,7 +382,7 @@ def md_table(rows: list[dict]) -> str:
 
 
 def report_md(res: dict) -> str:
-    out = [f"# GPU check ({res['device']}{', quick' if res['quick'] else ''})", "",
+    out = [f"# GPU check ({res['device']}, {res['dtype']}{', quick' if res['quick'] else ''})", "",
            f"{'all sections passed or skipped' if res['ok'] else 'FAILED: ' + ', '.join(res['failed'])}; "
            f"{res['seconds']:.0f} s in all. Shapes: {', '.join(res['shapes'])}.", ""]
     for i, s in enumerate(res["sections"], 1):
@@ -399,6 +401,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny layer counts, short rows, few steps")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list from {{{','.join(SHAPES)}}}")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: 2 quick, 5 full)")
+    ap.add_argument("--dtype", default="auto", help="training dtype: 'auto' (bf16 where the device has bf16 units, else "
+                    "fp32: `alignlora.models.resolve_dtype`), 'bfloat16' or 'float32'")
     a = ap.parse_args(argv)
     a.shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
     bad = [s for s in a.shapes if s not in SHAPES]
@@ -406,6 +410,10 @@ def main(argv=None) -> int:
     if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: torch {torch.__version__} sees no CUDA device; use --device cpu for a CPU run")
     a.steps = a.steps or (2 if a.quick else 5)
+    from alignlora.models import resolve_dtype
+    name = resolve_dtype(a.dtype, a.device)
+    if name not in ("bfloat16", "float32"): ap.error(f"--dtype {a.dtype}: use 'auto', 'bfloat16' or 'float32'")
+    a.dtype = getattr(torch, name)   # bf16 on a CPU without bf16 matrix units runs, but many times slower than fp32
     out = Path(a.out)
     from alignlora.files import atomic_write, atomic_json
     ctx, sections, t_all = {}, [], time.perf_counter()
@@ -419,7 +427,7 @@ def main(argv=None) -> int:
         s["seconds"] = round(time.perf_counter() - t0, 2); sections.append(s)
         print(f"[{s['status']:>7s}] {name} ({s['seconds']:.1f} s){': ' + s['reason'] if s.get('reason') else ''}", flush=True)
     failed = [s["name"] for s in sections if s["status"] == "failed"]
-    res = dict(device=str(a.device), quick=a.quick, shapes=a.shapes, steps=a.steps, ok=not failed, failed=failed,
+    res = dict(device=str(a.device), dtype=str(a.dtype).removeprefix("torch."), quick=a.quick, shapes=a.shapes, steps=a.steps, ok=not failed, failed=failed,
                seconds=round(time.perf_counter() - t_all, 1), sections=sections)
     atomic_write(out, report_md(res)); atomic_json(out.with_suffix(".json"), res)
     print(f"report: {out} (and {out.with_suffix('.json')})")
