@@ -49,7 +49,7 @@ def test_cuda_only_rows_are_skipped_with_a_reason(report):
 
 def test_every_method_trains_at_both_shapes(report):
     from alignlora.methods import METHODS
-    rows = _section(report, "training steps")["rows"]
+    rows = _section(report, "Training steps")["rows"]
     for shape in ("smollm2", "qwen2.5-3b"):
         done = {r["method"] for r in rows if r["shape"] == shape and r["status"] == "ok"}
         assert done == set(METHODS), (shape, set(METHODS) - done)
